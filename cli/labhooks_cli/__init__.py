@@ -1,0 +1,1 @@
+"""The ``labhooks`` command line."""

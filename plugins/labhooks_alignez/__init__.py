@@ -1,0 +1,3 @@
+"""labhooks plugin alignez (being built)."""
+
+LABHOOKS_EXTRA = None

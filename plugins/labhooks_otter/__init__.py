@@ -1,0 +1,3 @@
+"""labhooks plugin otter (being built)."""
+
+LABHOOKS_EXTRA = "otter"

@@ -1,0 +1,3 @@
+"""labhooks plugin roboshot (being built)."""
+
+LABHOOKS_EXTRA = "roboshot"

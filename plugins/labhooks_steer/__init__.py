@@ -1,0 +1,3 @@
+"""labhooks plugin steer (being built)."""
+
+LABHOOKS_EXTRA = "steer"

@@ -1,0 +1,3 @@
+"""labhooks plugin ws (being built)."""
+
+LABHOOKS_EXTRA = "ws"
