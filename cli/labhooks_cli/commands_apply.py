@@ -164,11 +164,23 @@ def run_generate(arguments: ParsedArguments) -> None:
     if not bundle.interventions:
         raise ConfigError(f"bundle {bundle_path} holds no interventions to attach (it may hold a label model or other tensors)")
     progress = RichProgress()
-    base = generate_texts(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description="base")
+    base = generate_texts(
+        loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description="base"
+    )
     with labhooks.attach(loaded.model, bundle.interventions):
         steered = generate_texts(
-            loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description="steered"
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            description="steered",
         )
-    table = ReportTable(f"{bundle.plugin}/{bundle.method} on {loaded.name}", ["prompt", "base", "steered"], [list(row) for row in zip(prompts, base, steered)])
+    table = ReportTable(
+        f"{bundle.plugin}/{bundle.method} on {loaded.name}",
+        ["prompt", "base", "steered"],
+        [list(row) for row in zip(prompts, base, steered, strict=True)],
+    )
     console.print(render_table(table))
-    error_console.print(f"{sum(b != s for b, s in zip(base, steered))} of {len(prompts)} generations changed")
+    error_console.print(f"{sum(b != s for b, s in zip(base, steered, strict=True))} of {len(prompts)} generations changed")

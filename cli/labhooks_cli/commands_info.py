@@ -90,7 +90,9 @@ def run_inspect(arguments: ParsedArguments) -> None:
         tensors.add_column(column)
     for index, entry in enumerate(manifest.get("interventions", [])):
         for name, tensor in entry.get("tensors", {}).items():
-            tensors.add_row(str(index), entry.get("class"), entry.get("site"), entry.get("positions"), name, str(tensor["shape"]), tensor["dtype"])
+            tensors.add_row(
+                str(index), entry.get("class"), entry.get("site"), entry.get("positions"), name, str(tensor["shape"]), tensor["dtype"]
+            )
     for name, tensor in manifest.get("tensors", {}).items():
         tensors.add_row("-", "-", "-", "-", name, str(tensor["shape"]), tensor["dtype"])
     console.print(tensors)

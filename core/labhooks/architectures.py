@@ -207,9 +207,7 @@ BUILTIN_ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         model_types=("open_clip",),
         towers={
             "text": TowerLayout(layers=("transformer.resblocks",), attention="ls_1", mlp="ls_2"),
-            "vision": TowerLayout(
-                layers=("visual.transformer.resblocks",), attention="ls_1", mlp="ls_2", embeddings=("visual",)
-            ),
+            "vision": TowerLayout(layers=("visual.transformer.resblocks",), attention="ls_1", mlp="ls_2", embeddings=("visual",)),
         },
         detect=lambda model: type(model).__module__.startswith("open_clip"),
         notes=(
@@ -266,7 +264,7 @@ def structural_adapter(model: nn.Module) -> ArchitectureAdapter | None:
     if best_path is None:
         return None
 
-    block = model.get_submodule(best_path)[0]
+    block = next(iter(model.get_submodule(best_path).children()))
     children = dict(block.named_children())
     attention = next((name for name in _ATTENTION_NAMES if name in children), None)
     mlp = next((name for name in _MLP_NAMES if name in children), None)

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
-    cache = kwargs.get("past_key_values")
+    # transformers 5 passes the KV cache as `cache`; earlier releases and direct calls use `past_key_values`.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     cache_position = kwargs.get("cache_position")
@@ -62,14 +63,20 @@ class ContextTracker:
         batch, length = int(reference.shape[0]), int(reference.shape[1])
         past = _past_length(kwargs)
         mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= length:
             full = mask.bool()
+            absolute = (full.long().cumsum(-1) - 1).masked_fill(~full, -1)
+            positions = absolute[:, -length:]
         else:
+            # No 2-D mask (transformers drops an all-ones mask): every token is real, and the
+            # position ids, when given, already count from the first real token.
             full = torch.ones(batch, past + length, dtype=torch.bool, device=reference.device)
-        absolute = full.long().cumsum(-1) - 1
-        absolute = absolute.masked_fill(~full, -1)
+            if isinstance(position_ids, torch.Tensor) and position_ids.shape[-2:] == (batch, length):
+                positions = position_ids.reshape(batch, length).long()
+            else:
+                positions = torch.arange(past, past + length, device=reference.device).expand(batch, length)
         current_mask = full[:, -length:]
-        positions = absolute[:, -length:]
 
         continues = (
             past == 0
@@ -126,7 +133,7 @@ class _Hook:
         if self.num_heads is None:
             edited = self.intervention(hidden, context)
             return hidden if edited is None else edited
-        split = hidden.reshape(*hidden.shape[:-1], self.num_heads, self.head_dim)
+        split = hidden.reshape(*hidden.shape[:-1], self.num_heads, int(self.head_dim or 0))
         if self.all_heads:
             edited = self.intervention(split, context)
             return hidden if edited is None else edited.reshape(hidden.shape)
@@ -219,10 +226,10 @@ def _as_list(interventions: Intervention | Iterable[Intervention]) -> list[Inter
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return None
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from labhooks._version import __version__
-from labhooks.errors import BundleError, PluginError
+from labhooks.errors import BundleError, PluginError, SiteError
 from labhooks.intervention import Intervention
 
 FORMAT_NAME = "labhooks.bundle"
@@ -184,11 +184,19 @@ def save_bundle(
         save_file(payload, temporary, metadata={MANIFEST_KEY: manifest_text})
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _migrate(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -223,7 +231,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise BundleError(f"{source}: the bundle manifest is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"{source}: the manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT_NAME!r}")
+        raise BundleError(
+            f"{source}: the manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT_NAME!r}"
+        )
     return _migrate(manifest, source)
 
 
@@ -318,6 +328,6 @@ def load_bundle(path: str | os.PathLike[str], model: nn.Module | None = None) ->
             for resolved in model_sites.resolve(intervention.site):
                 try:
                     intervention.check_width(resolved.width, resolved.site)
-                except Exception as error:
+                except SiteError as error:
                     raise BundleError(f"{source}: {error}") from None
     return Bundle(interventions, tensors, manifest, source)

@@ -131,7 +131,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return model.to(dtype), tokenizer
+    model.to(dtype)  # type: ignore[arg-type]
+    return model, tokenizer
 
 
 def _load_pretrained(source: str, kind: str, dtype: torch.dtype, local_only: bool) -> tuple[nn.Module, Any]:
@@ -202,7 +203,7 @@ def load_model(
 
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config._name_or_path = name
+    model.config._name_or_path = name  # type: ignore[union-attr]
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, name)

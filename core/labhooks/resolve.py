@@ -187,12 +187,15 @@ class ModelSites:
                     site_width = module.embedding_dim
                 elif isinstance(module, nn.Linear):
                     site_width = module.out_features
+                elif isinstance(getattr(module, "output_dim", None), int):
+                    site_width = int(module.output_dim)  # type: ignore[arg-type]
                 resolved.append(ResolvedSite(site, module, path, "output", site_width))
                 continue
 
-            block_path = f"{layers_path}.{site.layer}"
+            layer = int(site.layer)  # type: ignore[arg-type]
+            block_path = f"{layers_path}.{layer}"
             if site.kind == "post_block":
-                resolved.append(ResolvedSite(site, layers[site.layer], block_path, "output", width))
+                resolved.append(ResolvedSite(site, layers[layer], block_path, "output", width))
                 continue
             if site.heads is not None:
                 assert head_shape is not None and layout.attention_output_projection is not None

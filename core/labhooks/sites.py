@@ -86,7 +86,9 @@ class Selector:
         for item in self.text.split(","):
             index = int(item)
             if not -count <= index < count:
-                raise SiteError(f"{what} index {index} is out of range: the model has {count} {what}s (0 to {count - 1}, or -{count} to -1)")
+                raise SiteError(
+                    f"{what} index {index} is out of range: the model has {count} {what}s (0 to {count - 1}, or -{count} to -1)"
+                )
             indices.append(index % count)
         return tuple(indices)
 

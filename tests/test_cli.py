@@ -1,0 +1,81 @@
+"""The CLI's shared grammar and its error handling: exit status 2 and a message naming the value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import labhooks
+from labhooks.errors import ConfigError
+from labhooks_cli.arguments import parse_arguments
+from labhooks_cli.main import app
+
+from conftest import make_decoder
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    from labhooks_cli import console
+
+    monkeypatch.setattr(console.console, "width", 200)
+    monkeypatch.setattr(console.error_console, "width", 200)
+
+
+def test_parse_key_value_and_dash_forms():
+    parsed = parse_arguments(["plugin=alignez", "--max-new-tokens", "16", "--flag", "--alpha=2", "FILE", "--debug"])
+    assert parsed.options == {"plugin": "alignez", "max_new_tokens": "16", "flag": "true", "alpha": "2"}
+    assert parsed.positional == ["FILE"]
+    assert parsed.debug
+
+
+def test_parse_duplicate_key():
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_arguments(["alpha=1", "--alpha", "2"])
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["apply", "plugin=nope"], "unknown plugin 'nope'"),
+        (["apply"], "missing plugin="),
+        (["inspect", "missing.safetensors"], "'missing.safetensors' not found"),
+        (["inspect"], "missing bundle file"),
+        (["generate", "bundle=missing.safetensors", "prompt=hi"], "'missing.safetensors' not found"),
+        (["sites", "model=/no/such/folder"], "'/no/such/folder' not found"),
+        (["sites", "model=./nothing.gguf"], "'./nothing.gguf' not found"),
+        (["plugins", "colour=red"], "unknown option(s) colour"),
+    ],
+)
+def test_cli_errors_exit_2(words, message):
+    result = runner.invoke(app, words)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_debug_shows_traceback():
+    result = runner.invoke(app, ["inspect", "missing.safetensors", "--debug"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output
+
+
+def test_cli_inspect_bundle(tmp_path):
+    model = make_decoder("llama")
+    path = labhooks.save_bundle(
+        tmp_path / "b.safetensors", [labhooks.SteeringVector("post_block[1]", torch.ones(32))], plugin="core", method="demo", model=model
+    )
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "steering_vector" in result.output
+    assert "post_block[1]" in result.output
+    assert "[32]" in result.output
+
+
+def test_cli_plugins_lists_core():
+    result = runner.invoke(app, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "core" in result.output
+    assert "steering_vector" in result.output
