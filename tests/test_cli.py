@@ -79,3 +79,13 @@ def test_cli_plugins_lists_core():
     assert result.exit_code == 0, result.output
     assert "core" in result.output
     assert "steering_vector" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cli_sites_default_model():
+    result = runner.invoke(app, ["sites"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.{l}.self_attn.o_proj" in result.output
+    assert "9 x 64" in result.output
+    assert "30" in result.output

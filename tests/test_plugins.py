@@ -112,3 +112,13 @@ def test_third_party_package_discovered_and_round_trips(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("ok")
+
+
+def test_unavailable_reason_names_extra():
+    from importlib.metadata import EntryPoint
+
+    from labhooks.plugins import _unavailable_reason
+
+    point = EntryPoint(name="ws", value="labhooks_ws.plugin", group="labhooks")
+    reason = _unavailable_reason(point, ModuleNotFoundError("No module named 'tensorly'", name="tensorly"))
+    assert reason == "missing module 'tensorly'; install it with `pip install 'labhooks[ws]'`"

@@ -99,8 +99,8 @@ BUILTIN_ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3"),
         towers={"text": _LLAMA_LIKE},
         notes=(
-            "Pre-norm decoder. Gemma (1) multiplies the embeddings by sqrt(hidden_size) after "
-            "embed_tokens, so the embeddings site sees them unscaled."
+            "Pre-norm decoder. Gemma's embed_tokens multiplies by sqrt(hidden_size) itself "
+            "(transformers 5), so the embeddings site sees scaled embeddings."
         ),
     ),
     ArchitectureAdapter(
@@ -111,8 +111,8 @@ BUILTIN_ADAPTERS: tuple[ArchitectureAdapter, ...] = (
             "pre_mlp and post_mlp are the outputs of post_attention_layernorm and "
             "post_feedforward_layernorm, the values added to the residual stream. head_dim is "
             "set in the config and need not equal hidden_size / heads. The embeddings site "
-            "sees embeddings already scaled by sqrt(hidden_size) (Gemma 3 scales inside "
-            "embed_tokens)."
+            "sees embeddings already scaled by sqrt(hidden_size), which embed_tokens applies "
+            "(transformers 5)."
         ),
     ),
     ArchitectureAdapter(

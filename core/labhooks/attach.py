@@ -48,7 +48,7 @@ class ContextTracker:
     def __init__(self) -> None:
         self.context: ForwardContext | None = None
         self._previous_ids: torch.Tensor | None = None
-        self._masks: dict[tuple[str, int], tuple[torch.Tensor, bool]] = {}
+        self._masks: dict[tuple[Positions, int], tuple[torch.Tensor, bool]] = {}
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._masks.clear()
@@ -106,7 +106,7 @@ class ContextTracker:
 
     def selection(self, positions: Positions, num_tokens: int) -> tuple[torch.Tensor, bool]:
         """Return the selected positions for the last ``num_tokens`` tokens, and whether all are."""
-        key = (str(positions), num_tokens)
+        key = (positions, num_tokens)
         cached = self._masks.get(key)
         if cached is None:
             assert self.context is not None
@@ -128,30 +128,40 @@ class _Hook:
         heads = resolved.site.heads
         self.all_heads = heads is None or (self.num_heads is not None and list(heads) == list(range(self.num_heads)))
         self.head_index = torch.tensor(heads) if heads is not None else None
+        self.positions = intervention.positions
+        self.selects_all = intervention.positions.is_all
+
+    def _run(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor | None:
+        intervention = self.intervention
+        # nn.Module.__call__ costs several microseconds per hook; skip it unless someone
+        # registered hooks on the intervention module itself.
+        if intervention._forward_hooks or intervention._forward_pre_hooks:
+            return intervention(hidden, context)
+        return intervention.forward(hidden, context)
 
     def _call(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor:
         if self.num_heads is None:
-            edited = self.intervention(hidden, context)
+            edited = self._run(hidden, context)
             return hidden if edited is None else edited
         split = hidden.reshape(*hidden.shape[:-1], self.num_heads, int(self.head_dim or 0))
         if self.all_heads:
-            edited = self.intervention(split, context)
+            edited = self._run(split, context)
             return hidden if edited is None else edited.reshape(hidden.shape)
         index = self.head_index.to(hidden.device)  # type: ignore[union-attr]
-        edited = self.intervention(split.index_select(-2, index), context)
+        edited = self._run(split.index_select(-2, index), context)
         if edited is None:
             return hidden
         return split.index_copy(-2, index, edited.to(split.dtype)).reshape(hidden.shape)
 
     def edit(self, hidden: torch.Tensor) -> torch.Tensor:
-        positions = self.intervention.positions
+        positions = self.positions
         forward = self.tracker.context
         per_token = hidden.dim() >= 3 and forward is not None
         if per_token:
             assert forward is not None
             per_token = hidden.shape[0] == forward.batch_size and hidden.shape[1] <= forward.num_tokens
         if not per_token:
-            if not positions.is_all:
+            if not self.selects_all:
                 raise PositionError(
                     f"site {self.site} has no token axis that matches the model input (shape "
                     f"{tuple(hidden.shape)}), so only the position selector 'all' applies, not '{positions}'"

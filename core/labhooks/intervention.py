@@ -113,7 +113,8 @@ class SteeringVector(Intervention):
         self.scale = float(scale)
 
     def forward(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor:
-        return hidden + self.scale * self.vector.to(hidden.dtype)
+        vector = self.vector if self.vector.dtype == hidden.dtype else self.vector.to(hidden.dtype)
+        return torch.add(hidden, vector, alpha=self.scale)
 
     def config(self) -> dict[str, Any]:
         return {"vector": int(self.vector.shape[-1]), "scale": self.scale, "trainable": self.vector.requires_grad}
