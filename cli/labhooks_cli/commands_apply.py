@@ -63,6 +63,9 @@ def run_apply(arguments: ParsedArguments) -> None:
 
     model_spec = arguments.pop("model")
     out = arguments.pop("out")
+    if out is not None and not out.endswith(".safetensors"):
+        # Checked before fitting, which can take minutes.
+        raise ConfigError(f"out={out} must name a .safetensors file, for example out=result.safetensors")
     if arguments.positional:
         raise ConfigError(f"unexpected argument(s) {' '.join(arguments.positional)}: options take the form key=value")
     try:
