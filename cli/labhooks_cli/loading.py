@@ -8,7 +8,7 @@ from labhooks_cli.console import error_console
 
 
 def load_model_for_cli(spec: str | None, kind: str = "causal_lm") -> LoadedModel:
-    """Load ``model=`` (or the embedded default) and say what is loading."""
+    """Load ``model=`` (or the embedded default) behind a status line that names it."""
     if kind == "none":
         raise ValueError("this command needs no model")
     shown = spec or (DEFAULT_ENCODER_NAME if kind == "encoder" else DEFAULT_MODEL_NAME) + " (embedded default)"

@@ -28,7 +28,7 @@ class TowerLayout:
     ``layers`` and ``embeddings``/``logits`` are dotted paths from the model root;
     ``attention``, ``mlp`` and ``attention_output_projection`` are paths inside one block.
     The attention module's output (or its first element, for tuples) is the attention output
-    before the residual add; the projection's input holds the concatenated heads.
+    before the residual add; the projection's input is the concatenation of the heads.
     """
 
     layers: tuple[str, ...]
@@ -46,7 +46,7 @@ class ArchitectureAdapter:
 
     ``parallel_block`` marks families whose attention and MLP both read the block input
     (GPT-NeoX, GPT-J, Phi-1/2): there ``pre_mlp`` is the attention output, which the MLP
-    never sees, and the residual stream has no point between attention and MLP.
+    does not read, and the residual stream has no point between attention and MLP.
     """
 
     name: str

@@ -307,7 +307,7 @@ def record(
 ) -> Iterator[ActivationRecord]:
     """Read hidden states at sites without editing them, inside a ``with`` block.
 
-    With a per-token selector, each record holds the selected tokens of every call, and
+    With a per-token selector, each record contains the selected tokens of every call, and
     ``ActivationRecord.rows`` the batch row each came from.
     """
     if isinstance(sites, str | SiteSpec | Site):

@@ -1,6 +1,6 @@
 """Bundles: one ``.safetensors`` file per fitted or trained result.
 
-The tensors hold the parameters. The safetensors metadata holds one JSON manifest under
+The tensors hold the parameters. The safetensors metadata contains one JSON manifest under
 the key ``labhooks.manifest``: the format name and schema version, the plugin and method
 with their versions and config, each intervention's class, site, positions and config,
 named extra tensors (for results that are not interventions, such as a label model's

@@ -4,7 +4,7 @@ An intervention is an ``nn.Module`` bound to a site and a position selector. Its
 ``forward`` receives the hidden state of the selected positions only, with shape
 (..., width), where width is the hidden size (or, at a head site, (..., heads, head_dim)),
 and returns the edited tensor of the same shape. The core gathers and scatters the
-selected positions, so an intervention never sees or edits a pad position, and at a head
+selected positions, so an intervention never receives or edits a pad position, and at a head
 site it can only change the heads it is bound to.
 """
 
@@ -24,7 +24,7 @@ from labhooks.sites import Site, SiteSpec, parse_site
 
 @dataclass
 class InterventionContext:
-    """What an intervention is told besides the hidden state.
+    """The information an intervention receives besides the hidden state.
 
     ``forward`` is None when the site has no token axis matching the model input (pooled
     embeddings, vision patches). ``row_index`` gives the batch row of each selected token

@@ -52,7 +52,7 @@ class MethodResult:
 class Method:
     """A named recipe of a plugin.
 
-    ``model_kind`` tells the CLI which model to load: "causal_lm", "encoder" or "none".
+    ``model_kind`` selects the model the CLI loads: "causal_lm", "encoder" or "none".
     """
 
     name: str
