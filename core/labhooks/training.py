@@ -14,7 +14,7 @@ mean cross-entropy over completion tokens only: prompt and padding are masked.
 Prompts are left-padded and completions right-padded, so a batch is
 ``[pad.. prompt | completion ..pad]`` with explicit position ids. When an intervention
 selects positions relative to the prompt (``last_prompt``, ``prompt``, ``generated``), a
-short priming call on the prompt alone tells the core where each prompt ends; the full
+short priming call on the prompt alone lets the core record where each prompt ends, and the full
 call then extends those ids, and the core keeps the prompt lengths as it does for an
 uncached decode step. The edit therefore lands on the same tokens as during generation.
 
@@ -38,8 +38,9 @@ import random
 import re
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +83,9 @@ def _example_from_record(record: Mapping[str, Any], where: str) -> Example:
         raise ConfigError(f"{where} has no {' or '.join(missing)} field; each example needs 'prompt' and 'completion'")
     prompt, completion = record["prompt"], record["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise ConfigError(f"{where}: 'prompt' and 'completion' must be strings, got {type(prompt).__name__} and {type(completion).__name__}")
+        raise ConfigError(
+            f"{where}: 'prompt' and 'completion' must be strings, got {type(prompt).__name__} and {type(completion).__name__}"
+        )
     if not completion.strip():
         raise ConfigError(f"{where}: the completion is empty; every example needs a completion to learn")
     return Example(prompt, completion)
@@ -118,7 +121,7 @@ def load_examples(path: str | Path) -> list[Example]:
     else:
         raise ConfigError(f"data file {str(source)!r} must end in .jsonl or .csv (or .tsv), with prompt and completion fields")
     if not examples:
-        raise ConfigError(f"data file {str(source)!r} holds no examples")
+        raise ConfigError(f"data file {str(source)!r} contains no examples")
     return examples
 
 
@@ -132,7 +135,7 @@ def write_examples(path: str | Path, examples: Iterable[Example]) -> Path:
     return target
 
 
-# Answer parsers for evaluation ---------------------------------------------------------
+# Parsers that read an answer for evaluation ---------------------------------------------------------
 
 
 def _first_word(text: str) -> str:
@@ -176,7 +179,9 @@ class TrainingConfig:
     warmup_ratio: float = option(0.1, "fraction of the steps spent warming the learning rate up from 0", unit="fraction")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient norm clip (0: no clipping)")
-    max_prompt_tokens: int = option(256, "prompts are cut to their first this many tokens before the chat template is applied", unit="tokens")
+    max_prompt_tokens: int = option(
+        256, "prompts are cut to their first this many tokens before the chat template is applied", unit="tokens"
+    )
     max_completion_tokens: int = option(32, "completions are cut to this many tokens before the EOS token is added", unit="tokens")
     system: str | None = option(None, "system message for the chat template (None: the template's default)")
     parser: str = option("first_word", "how an answer is read from a completion for accuracy", choices=tuple(PARSERS))
@@ -192,7 +197,16 @@ class TrainingConfig:
     log_every: int = option(10, "log the loss every this many steps", unit="steps")
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "gradient_accumulation", "max_prompt_tokens", "max_completion_tokens", "max_new_tokens", "eval_batch_size", "log_every")
+        positive = (
+            "steps",
+            "batch_size",
+            "gradient_accumulation",
+            "max_prompt_tokens",
+            "max_completion_tokens",
+            "max_new_tokens",
+            "eval_batch_size",
+            "log_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid value {getattr(self, name)} for {name}: must be >= 1")
@@ -207,12 +221,18 @@ class TrainingConfig:
             raise ConfigError(f"invalid value {self.parser!r} for parser: choose one of {', '.join(PARSERS)}")
 
 
-def split_examples(config: TrainingConfig, examples: Sequence[Example] | None = None) -> tuple[list[Example], list[Example]]:
-    """Return the training and evaluation examples the config names.
+def split_examples(
+    config: TrainingConfig, examples: Sequence[Example] | None = None, eval_examples: Sequence[Example] | None = None
+) -> tuple[list[Example], list[Example]]:
+    """Return the training and evaluation examples.
 
-    Without ``eval_data``, ``eval_size`` examples are held out of ``data`` after a shuffle
-    seeded by ``seed``, and at least one example is left for training.
+    Examples given in code replace ``data`` and ``eval_data``. Without evaluation examples
+    or ``eval_data``, ``eval_size`` examples are held out of the training pool after a
+    shuffle seeded by ``seed``, and at least one example is left for training.
     """
+    if eval_examples is not None:
+        pool = list(examples) if examples is not None else split_examples(replace(config, eval_size=0, eval_data=None))[0]
+        return pool, list(eval_examples)
     if examples is None:
         if config.data is None:
             raise ConfigError("missing data=FILE: a JSONL or CSV file with prompt and completion fields")
@@ -248,7 +268,7 @@ class EncodedExample:
 
 
 def encode_example(tokenizer: Any, example: Example, config: TrainingConfig) -> EncodedExample:
-    """Tokenize one example as the model sees it at evaluation, with EOS after the completion."""
+    """Tokenize one example formatted as at evaluation, with the EOS token after the completion."""
     prompt = truncate_prompt(tokenizer, example.prompt, config.max_prompt_tokens)
     # Chat templates contain the special tokens they need, as in generation.py.
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt, config.system), add_special_tokens=False)["input_ids"]
@@ -337,7 +357,9 @@ class Evaluation:
         return len(self.rows)
 
 
-def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], config: TrainingConfig, progress: Progress | None = None) -> Evaluation:
+def evaluate(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], config: TrainingConfig, progress: Progress | None = None
+) -> Evaluation:
     """Generate greedily for each prompt and compare the parsed answer with the parsed completion.
 
     Interventions attached to ``model`` stay attached and edit the generations.
@@ -357,7 +379,7 @@ def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], conf
         description="evaluating",
     )
     rows = []
-    for example, output in zip(examples, outputs):
+    for example, output in zip(examples, outputs, strict=True):
         expected = parse(example.completion)
         predicted = parse(output)
         rows.append((example.prompt, expected, output, predicted == expected and expected != ""))
@@ -379,6 +401,9 @@ class TrainingModule(nn.Module):
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
+    def intervention_list(self) -> list[Intervention]:
+        return [intervention for intervention in self.interventions if isinstance(intervention, Intervention)]
+
 
 class _PrimingDone(Exception):
     """Raised by the priming hook once the core has read the prompt lengths."""
@@ -390,7 +415,7 @@ def _needs_priming(interventions: Sequence[Intervention]) -> bool:
 
 @dataclass
 class CheckpointNaming:
-    """What a checkpoint bundle records besides tensors: plugin, method and config."""
+    """Plugin, method and config recorded in each checkpoint bundle."""
 
     plugin: str | None = None
     method: str | None = None
@@ -399,14 +424,15 @@ class CheckpointNaming:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` measured."""
+    """Measurements of one :func:`fit` run: loss history, evaluations, step time and memory."""
 
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     evaluations: list[tuple[int, Evaluation]]
     seconds_per_step: float
     peak_memory_mb: float
     steps: int
     checkpoints: list[Path] = field(default_factory=list)
+    main_process: bool = True
 
     @property
     def final_evaluation(self) -> Evaluation | None:
@@ -428,7 +454,12 @@ def completion_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], support
     """Return the mean cross-entropy over the completion tokens of a collated batch."""
     labels = batch["labels"]
     completion_length = labels.shape[1]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"], "use_cache": False}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
     if supports_logits_to_keep:
         inputs["logits_to_keep"] = completion_length + 1
     logits = model(**inputs).logits[:, -(completion_length + 1) : -1]
@@ -467,8 +498,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, bundle: Bundle) -> None
             state.setdefault(int(index), {})[key] = tensor
     current = optimizer.state_dict()["param_groups"]
     if [len(group["params"]) for group in current] != [len(group["params"]) for group in groups]:
-        raise ConfigError(f"{bundle.path} was written for other trainable parameters than this run has; resume with the same method and options")
-    optimizer.load_state_dict({"state": state, "param_groups": [dict(group, betas=tuple(group["betas"])) if "betas" in group else group for group in groups]})
+        raise ConfigError(
+            f"{bundle.path} was written for other trainable parameters than this run has; resume with the same method and options"
+        )
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": [dict(group, betas=tuple(group["betas"])) if "betas" in group else group for group in groups]}
+    )
 
 
 def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -489,7 +524,9 @@ def load_weight_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -
         name = key[len(WEIGHTS_PREFIX) :]
         target = parameters.get(name)
         if target is None:
-            raise ConfigError(f"the bundle has weights for {name!r}, which this model does not have; load it with the model and method it was trained with")
+            raise ConfigError(
+                f"the bundle has weights for {name!r}, which this model does not have; load it with the model and method it was trained with"
+            )
         if target.shape != tensor.shape:
             raise ConfigError(f"the bundle's weights for {name!r} have shape {list(tensor.shape)}, the model's {list(target.shape)}")
         with torch.no_grad():
@@ -507,8 +544,9 @@ def _micro_batches(
     epoch = 0
     while True:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        loader = DataLoader(
-            list(encoded), batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=lambda items: collate(items, pad_id)
+        dataset: Any = list(encoded)
+        loader: Any = DataLoader(
+            dataset, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=lambda items: collate(items, pad_id)
         )
         loader = accelerator.prepare_data_loader(loader, device_placement=True)
         if skip >= len(loader):
@@ -520,6 +558,60 @@ def _micro_batches(
             skip = 0
         yield from loader
         epoch += 1
+
+
+def _restore(
+    resume: Bundle,
+    phase: str,
+    model: nn.Module,
+    interventions: Sequence[Intervention],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    processes: int,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a checkpoint's weights, interventions, optimizer, schedule and RNG state; return its step and history."""
+    training_state = resume.manifest.get("metadata", {}).get("training", {})
+    if training_state.get("phase", phase) != phase:
+        raise ConfigError(f"{resume.path} is a checkpoint of phase {training_state.get('phase')!r}, not {phase!r}")
+    if len(resume.interventions) != len(interventions):
+        raise ConfigError(
+            f"{resume.path} contains {len(resume.interventions)} interventions but this run trains {len(interventions)}; "
+            "resume with the same method and options"
+        )
+    start_step = int(training_state.get("step", 0))
+    load_weight_tensors(model, resume.tensors)
+    for intervention, restored in zip(interventions, resume.interventions, strict=True):
+        intervention.load_state_dict(restored.state_dict())
+    _restore_optimizer(optimizer, resume)
+    with warnings.catch_warnings():
+        # Fast-forwarding the schedule before any optimizer step is intended here.
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*")
+        for _ in range(start_step * processes):
+            scheduler.step()
+    if RNG_KEY in resume.tensors:
+        torch.set_rng_state(resume.tensors[RNG_KEY])
+    logger.info("resuming %s from step %d of %s", phase, start_step, resume.path)
+    return start_step, list(training_state.get("history", []))
+
+
+def _prime_positions(root: nn.Module, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """Run the model root's pre-hooks on the prompt part alone, so the core records each row's prompt length.
+
+    A hook registered after the core's raises before the embeddings or any block run. The
+    full call that follows extends these ids, so the core keeps the prompt lengths.
+    """
+
+    def stop_after_context(module: nn.Module, args: Any, kwargs: Any) -> None:
+        raise _PrimingDone
+
+    prompt_length = int(batch["prompt_length"])
+    stopper = root.register_forward_pre_hook(stop_after_context, with_kwargs=True)
+    try:
+        model(input_ids=batch["input_ids"][:, :prompt_length], attention_mask=batch["attention_mask"][:, :prompt_length])
+    except _PrimingDone:
+        pass
+    finally:
+        stopper.remove()
 
 
 def fit(
@@ -588,22 +680,9 @@ def fit(
     )
 
     start_step = 0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     if resume is not None:
-        training_state = resume.manifest.get("metadata", {}).get("training", {})
-        if training_state.get("phase", phase) != phase:
-            raise ConfigError(f"{resume.path} is a checkpoint of phase {training_state.get('phase')!r}, not {phase!r}")
-        start_step = int(training_state.get("step", 0))
-        history = list(training_state.get("history", []))
-        load_weight_tensors(run_model, resume.tensors)
-        for intervention, restored in zip(interventions, resume.interventions):
-            intervention.load_state_dict(restored.state_dict())
-        _restore_optimizer(optimizer, resume)
-        for _ in range(start_step * processes):
-            scheduler.step()
-        if RNG_KEY in resume.tensors:
-            torch.set_rng_state(resume.tensors[RNG_KEY])
-        logger.info("resuming %s from step %d of %s", phase, start_step, resume.path)
+        start_step, history = _restore(resume, phase, run_model, interventions, optimizer, scheduler, processes)
 
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
     inner = accelerator.unwrap_model(wrapper)
@@ -613,12 +692,8 @@ def fit(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = _micro_batches(encoded, config, pad_id, accelerator, start_step * config.gradient_accumulation)
 
-    handle = attach(inner.model, list(inner.interventions))
-    priming = _needs_priming(list(inner.interventions))
-
-    def stop_after_context(module: nn.Module, args: Any, kwargs: Any) -> None:
-        raise _PrimingDone
-
+    handle = attach(inner.model, inner.intervention_list())
+    priming = _needs_priming(inner.intervention_list())
     evaluations: list[tuple[int, Evaluation]] = []
     checkpoints: list[Path] = []
     step_times: list[float] = []
@@ -633,14 +708,7 @@ def fit(
             for micro in range(config.gradient_accumulation):
                 batch = next(batches)
                 if priming:
-                    prompt_length = int(batch["prompt_length"])
-                    stopper = root.register_forward_pre_hook(stop_after_context, with_kwargs=True)
-                    try:
-                        inner.model(input_ids=batch["input_ids"][:, :prompt_length], attention_mask=batch["attention_mask"][:, :prompt_length])
-                    except _PrimingDone:
-                        pass
-                    finally:
-                        stopper.remove()
+                    _prime_positions(root, inner.model, batch)
                 last = micro == config.gradient_accumulation - 1
                 sync = accelerator.no_sync(wrapper) if not last else contextlib.nullcontext()
                 with sync, accelerator.autocast():
@@ -649,6 +717,8 @@ def fit(
                         loss = loss + penalty((step + micro / config.gradient_accumulation) / config.steps)
                     accelerator.backward(loss / config.gradient_accumulation)
                 total_loss += float(loss.detach()) / config.gradient_accumulation
+            if processes > 1:
+                total_loss = float(accelerator.reduce(torch.tensor(total_loss, device=accelerator.device), reduction="mean"))
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_([p for group in groups for p in group["params"]], config.max_grad_norm)
             optimizer.step()
@@ -679,20 +749,28 @@ def fit(
                 disable()
     timed = step_times[1:] or step_times
     seconds_per_step = sum(timed) / len(timed) if timed else float("nan")
-    return FitResult(history, evaluations, seconds_per_step, _peak_memory_mb(), config.steps, checkpoints)
+    return FitResult(history, evaluations, seconds_per_step, _peak_memory_mb(), config.steps, checkpoints, accelerator.is_main_process)
 
 
-def _evaluate_main(accelerator: Any, inner: TrainingModule, tokenizer: Any, examples: Sequence[Example], config: TrainingConfig) -> Evaluation:
+def _evaluate_main(
+    accelerator: Any, inner: TrainingModule, tokenizer: Any, examples: Sequence[Example], config: TrainingConfig
+) -> Evaluation:
     """Evaluate on the main process (generation needs no gradient synchronisation)."""
     inner.eval()
-    evaluation = evaluate(inner.model, tokenizer, examples, config) if accelerator.is_main_process else Evaluation(float("nan"), [])
+    evaluation = Evaluation(float("nan"), [])
+    if accelerator.is_main_process:
+        evaluation = evaluate(inner.model, tokenizer, examples, config)
+        logger.info("evaluation: accuracy %.3f on %d examples", evaluation.accuracy, evaluation.num_examples)
     accelerator.wait_for_everyone()
-    logger.info("evaluation: accuracy %.3f on %d examples", evaluation.accuracy, evaluation.num_examples)
     return evaluation
 
 
 def _checkpoint_path(config: TrainingConfig, naming: CheckpointNaming, phase: str, step: int) -> Path:
-    folder = Path(config.checkpoint_dir) if config.checkpoint_dir else Path(f"{naming.plugin or 'labhooks'}-{naming.method or 'train'}-checkpoints")
+    folder = (
+        Path(config.checkpoint_dir)
+        if config.checkpoint_dir
+        else Path(f"{naming.plugin or 'labhooks'}-{naming.method or 'train'}-checkpoints")
+    )
     return folder / f"{phase}-step{step:06d}.safetensors"
 
 
@@ -703,7 +781,7 @@ def save_checkpoint(
     naming: CheckpointNaming,
     phase: str,
     step: int,
-    history: Sequence[Mapping[str, float]],
+    history: Sequence[Mapping[str, Any]],
 ) -> Path:
     """Write a checkpoint as a complete bundle: interventions, trainable weights, optimizer and RNG state."""
     optimizer_tensors, optimizer_groups = _optimizer_tensors(optimizer)
@@ -713,7 +791,7 @@ def save_checkpoint(
     metadata = {"training": {"phase": phase, "step": step, "history": list(history), "optimizer_groups": optimizer_groups}}
     written = save_bundle(
         path,
-        list(inner.interventions),
+        inner.intervention_list(),
         plugin=naming.plugin,
         method=naming.method,
         config=dict(naming.config),
@@ -738,18 +816,26 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> Bundle:
 
 @dataclass
 class TrainInputs:
-    """What a trainable method's ``train`` receives."""
+    """Inputs of a trainable method's ``train``.
+
+    ``examples`` and ``eval_examples``, when given, replace the config's data files.
+    """
 
     config: Any
     loaded: LoadedModel
     plugin: str | None = None
     progress: Progress = field(default_factory=LoggingProgress)
     examples: Sequence[Example] | None = None
+    eval_examples: Sequence[Example] | None = None
 
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the bundle contents, the evaluation and the measurements."""
+    """Result of ``train``: the bundle contents, the evaluation and the measurements.
+
+    ``main_process`` is False in the other processes of a multi-process run, which should
+    neither save nor print.
+    """
 
     interventions: list[Intervention] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -758,7 +844,8 @@ class TrainResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     parameters: ParameterCount | None = None
     evaluation: Evaluation | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True
 
 
 @dataclass(frozen=True)
@@ -814,7 +901,10 @@ def build_result(
     )
     tables = [summary]
     if evaluation is not None and evaluation.rows:
-        samples = [[prompt[:60], expected, output[:40], "yes" if correct else "no"] for prompt, expected, output, correct in evaluation.rows[:sample_rows]]
+        samples = [
+            [prompt[:60], expected, output[:40], "yes" if correct else "no"]
+            for prompt, expected, output, correct in evaluation.rows[:sample_rows]
+        ]
         tables.append(ReportTable(f"sample generations of {method}", ["prompt", "expected", "generated", "correct"], samples))
     return TrainResult(
         interventions=list(interventions),
@@ -825,6 +915,7 @@ def build_result(
         parameters=parameters,
         evaluation=evaluation,
         history=fitted.history,
+        main_process=fitted.main_process,
     )
 
 

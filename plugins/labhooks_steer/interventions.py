@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrize
 
 from labhooks.intervention import Intervention, InterventionContext
 from labhooks.positions import Positions
@@ -85,12 +85,31 @@ class LowRankAdapter(Intervention):
         return {"width": self.width, "rank": self.rank, "activation": self.activation, "init_scale": self.init_scale}
 
 
+class OrthonormalRows(nn.Module):
+    """Parametrization mapping a (rank, width) matrix to one with orthonormal rows.
+
+    The rows are the Q factor of a reduced QR decomposition of the transpose, with signs
+    chosen so that R's diagonal is positive, which makes the map continuous. Unlike
+    ``torch.nn.utils.parametrizations.orthogonal`` with the Householder map, every input
+    matrix gives orthonormal rows, and unlike its matrix-exponential map the cost grows
+    with width x rank instead of width².
+    """
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        q, r = torch.linalg.qr(weight.transpose(-2, -1))
+        signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) >= 0, 1.0, -1.0).to(q.dtype)
+        return (q * signs.unsqueeze(-2)).transpose(-2, -1)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
 class ReFT(Intervention):
     """Low-rank representation fine-tuning: h + Rᵀ(φ(W·h + b) − φ(R·h)).
 
     With ``activation="none"`` this is LoReFT, h + Rᵀ(W·h + b − R·h). In the ``loreft``
-    variant R has orthonormal rows, kept so during training by an orthogonal
-    parametrization (Householder map); ``noreft`` drops that constraint. W starts equal to
+    variant R has orthonormal rows, kept so during training by the
+    :class:`OrthonormalRows` parametrization; ``noreft`` drops that constraint. W starts equal to
     R and b at zero, so the edit starts as a no-op for every activation.
     """
 
@@ -118,7 +137,7 @@ class ReFT(Intervention):
         self._function = _activation(activation)
         self.rotation = nn.Linear(width, rank, bias=False)
         if variant == "loreft":
-            parametrizations.orthogonal(self.rotation, orthogonal_map="householder", use_trivialization=False)
+            parametrize.register_parametrization(self.rotation, "weight", OrthonormalRows())
         self.source = nn.Linear(width, rank, bias=True)
         with torch.no_grad():
             self.source.weight.copy_(self.rotation.weight)
@@ -188,10 +207,10 @@ class JoLA(Intervention):
     """JoLA per-head edit with Hard-Concrete gates: z ← (1 + g2·A)⊙z + g1·v.
 
     Each head has two gates, g1 for the offset v and g2 for the scale A, with learned
-    log-alphas. In training mode a gate is a Hard-Concrete sample (temperature 0.33,
-    stretch (−0.1, 1.1)); in eval mode it is deterministic,
-    clamp(sigmoid(log_alpha)·(1.1 + 0.1) − 0.1, 0, 1), so it is exactly 0 or 1 at the clamp
-    edges. ``expected_l0`` is the expected number of open gates, the sparsity penalty.
+    log-alphas. In training mode with gradients enabled, a gate is a Hard-Concrete sample
+    (temperature 0.33, stretch (−0.1, 1.1)). In eval mode, or under ``torch.no_grad()`` as
+    in generation, it is deterministic: clamp(sigmoid(log_alpha)·(1.1 + 0.1) − 0.1, 0, 1),
+    which is exactly 0 or 1 at the clamp edges. ``expected_l0`` is the expected number of open gates, the sparsity penalty.
     """
 
     name = "steer.jola"
@@ -218,9 +237,9 @@ class JoLA(Intervention):
         self.bias_log_alpha = nn.Parameter(torch.full((heads,), self.initial_log_alpha))
 
     def gate(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        """Return one gate per head: a Hard-Concrete sample in training, deterministic in eval."""
+        """Return one gate per head: a Hard-Concrete sample when training with gradients, else deterministic."""
         low, high = GATE_STRETCH
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             noise = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
             concrete = torch.sigmoid((noise.log() - (1 - noise).log() + log_alpha) / self.temperature)
         else:
@@ -241,7 +260,12 @@ class JoLA(Intervention):
         return hidden * (1 + scale) + bias
 
     def config(self) -> dict[str, Any]:
-        return {"heads": self.heads, "head_dim": self.head_dim, "initial_log_alpha": self.initial_log_alpha, "temperature": self.temperature}
+        return {
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "initial_log_alpha": self.initial_log_alpha,
+            "temperature": self.temperature,
+        }
 
 
 class LinearMap(Intervention):
@@ -318,4 +342,3 @@ class OracleReplay(Intervention):
 
 
 INTERVENTION_CLASSES: tuple[type[Intervention], ...] = (LowRankAdapter, ReFT, LoFIT, JoLA, LinearMap, OracleReplay)
-
