@@ -14,6 +14,7 @@ task's parser. The untrained model's accuracy on the same examples is the zero-s
 
     .venv/bin/python benchmarks/bench_steer.py                      # the full table
     .venv/bin/python benchmarks/bench_steer.py --tasks listops --steps 20   # a reduced run
+    .venv/bin/python benchmarks/bench_steer.py --timing --steps 8          # post_block vs LoRA step time only
 
 Results go to stdout as a Markdown table, and as JSON lines to ``--output``.
 """
@@ -177,6 +178,57 @@ def run_one(task: str, method: str, arguments: argparse.Namespace) -> dict[str, 
     }
 
 
+def interleaved_timing(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Time optimizer steps of the post-block adapter and LoRA alternately in one process.
+
+    Both run on their own copy of the model with the same batches. Alternating the two
+    step by step exposes them to the same machine load, so the ratio of their median step
+    times holds even when other processes share the CPU.
+    """
+    import copy
+    import statistics
+
+    import torch
+
+    import labhooks
+    from labhooks.training import collate, completion_loss, encode_example
+    from labhooks_steer.trainers import build_post_block, wrap_lora
+
+    torch.set_num_threads(arguments.threads)
+    train, _, parser = task_examples(arguments.tasks.split(",")[0], arguments.train_size, 1, arguments.seed)
+    loaded = labhooks.load_model()
+    _, adapter_config = method_config("post_block", arguments, parser)
+    _, lora_settings = method_config("lora", arguments, parser)
+    lora_model = wrap_lora(copy.deepcopy(loaded.model), lora_settings)
+    for parameter in loaded.model.parameters():
+        parameter.requires_grad_(False)
+    adapters = build_post_block(loaded, adapter_config)
+    runs = {
+        "post_block": (loaded.model, [parameter for adapter in adapters for parameter in adapter.parameters()], adapters),
+        "lora": (lora_model, [parameter for parameter in lora_model.parameters() if parameter.requires_grad], []),
+    }
+    optimizers = {name: torch.optim.AdamW(parameters, lr=1e-4) for name, (_, parameters, _) in runs.items()}
+    encoded = [encode_example(loaded.tokenizer, example, adapter_config) for example in train]
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(arguments.steps):
+        batch = collate(encoded[(step * arguments.batch_size) % len(encoded) :][: arguments.batch_size], loaded.tokenizer.pad_token_id)
+        for name, (model, _, interventions) in runs.items():
+            model.train()
+            started = time.perf_counter()
+            with labhooks.attach(model, interventions):
+                completion_loss(model, batch, True).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values[1:] or values) for name, values in times.items()}
+    return {
+        "task": arguments.tasks.split(",")[0],
+        "steps": arguments.steps,
+        "median_seconds": medians,
+        "ratio": medians["post_block"] / medians["lora"],
+    }
+
+
 def _format(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -235,8 +287,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_steer.jsonl", help="JSON lines file the results are appended to")
+    parser.add_argument("--timing", action="store_true", help="only time post_block and LoRA steps, alternating, on the first task")
     parser.add_argument("--run", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+
+    if arguments.timing:
+        print(json.dumps(interleaved_timing(arguments)))
+        return
 
     if arguments.run:
         print(json.dumps(run_one(*arguments.run, arguments)))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from zeroshot_data import BBC_PROMPTS, BBC_TOPICS, bbc_documents, bbc_pools, per_class_sample, shifted_sample
+from zeroshot_data import BBC_PROMPT_TEMPLATE, BBC_TOPIC_WORDS, BBC_TOPICS, bbc_documents, bbc_pools, per_class_sample, shifted_sample
 
 import labhooks
 from labhooks.zeroshot import ZeroShotClassifier, accuracy
@@ -74,11 +74,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=500, help="documents per shifted test batch and validation batch")
     parser.add_argument("--per-class", type=int, default=10, help="labeled source documents per topic for BBSE and MLLS")
     parser.add_argument("--cache", type=Path, default=None, help="file to keep the document embeddings in between runs")
+    parser.add_argument("--template", default=BBC_PROMPT_TEMPLATE, help="class prompt, with {} for the topic word")
     arguments = parser.parse_args()
 
     started = time.perf_counter()
     loaded = labhooks.load_model(kind="encoder")
-    classifier = ZeroShotClassifier.from_loaded(loaded, list(BBC_PROMPTS), class_names=list(BBC_TOPICS), max_length=128)
+    prompts = [arguments.template.format(word) for word in BBC_TOPIC_WORDS]
+    classifier = ZeroShotClassifier.from_loaded(loaded, prompts, class_names=list(BBC_TOPICS), max_length=128)
     texts, label_array = bbc_documents()
     embeddings = embed_documents(classifier, texts, arguments.cache)
     with torch.no_grad():
@@ -111,6 +113,7 @@ def main() -> None:
     if not torch.equal(hooked, otter_predict(logits[test_index], truth)):
         raise SystemExit("the OtterRebalance intervention disagrees with otter_predict")
 
+    print(f"class prompts: {', '.join(repr(prompt) for prompt in prompts)}; {arguments.per_class} labeled documents per topic\n")
     print(f"| shift | largest class share | {' | '.join(COLUMNS)} |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for name, proportions, scores in rows:

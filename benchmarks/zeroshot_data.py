@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
-BBC_PROMPTS = tuple(f"a news article about {topic}" for topic in ("business", "entertainment", "politics", "sports", "technology"))
+# Words for the topics in class prompts ("tech" reads better spelled out).
+BBC_TOPIC_WORDS = ("business", "entertainment", "politics", "sports", "technology")
+BBC_PROMPT_TEMPLATE = "a news article about {}"
 
 
 def amazon_reviews(split: str = "testing_data") -> list[dict]:

@@ -429,6 +429,19 @@ def test_cli_rebalance_prediction_file(tmp_path):
     assert torch.equal(torch.tensor([json.loads(line)["prediction"] for line in lines]), bundle.tensors["predictions"])
 
 
+def test_rebalance_config_errors():
+    from labhooks_otter.method import RebalanceConfig
+
+    with pytest.raises(ConfigError, match="target=bbse needs labeled=FILE"):
+        labhooks.build_config(RebalanceConfig, {"data": "p.jsonl", "target": "bbse"})
+    with pytest.raises(ConfigError, match="invalid target 'skewed'"):
+        labhooks.build_config(RebalanceConfig, {"data": "p.jsonl", "target": "skewed"})
+    with pytest.raises(ConfigError, match="choose one of emd, sinkhorn, sinkhorn_log"):
+        labhooks.build_config(RebalanceConfig, {"data": "p.jsonl", "solver": "hungarian"})
+    with pytest.raises(ConfigError, match="missing data=FILE"):
+        labhooks.build_config(RebalanceConfig, {})
+
+
 def test_cli_rebalance_rejects_model(tmp_path):
     from labhooks_cli.main import app
 

@@ -75,7 +75,7 @@ def test_load_jsonl_and_csv(tmp_path):
         ('{"prompt": "a"}\n', ".jsonl", "line 1 has no completion"),
         ("not json\n", ".jsonl", "line 1: not valid JSON"),
         ('{"prompt": "a", "completion": " "}\n', ".jsonl", "the completion is empty"),
-        ("", ".jsonl", "holds no examples"),
+        ("", ".jsonl", "contains no examples"),
         ("prompt,answer\na,b\n", ".csv", "line 2 has no completion"),
         ("a\tb", ".parquet", "must end in .jsonl or .csv"),
     ],
@@ -445,3 +445,23 @@ def test_weight_bundle_rejects_intervention_bundle(tmp_path):
     )
     with pytest.raises(ConfigError, match="contains no trained weights"):
         apply_trained_weights(loaded, labhooks.load_bundle(path))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_post_block_trains_on_default_model():
+    loaded = labhooks.load_model()
+    examples = generate_listops(6, seed=0, max_depth=1, max_arguments=3)
+    config = PostBlockConfig(
+        steps=2, batch_size=2, eval_size=2, max_prompt_tokens=16, max_new_tokens=2, parser="first_digit", warmup_ratio=0.0
+    )
+    result = next(trainer for trainer in TRAINERS if trainer.name == "post_block").train(
+        TrainInputs(config, loaded, "steer", examples=examples)
+    )
+    assert len(result.interventions) == 30
+    assert result.parameters is not None
+    assert result.parameters.trainable == 30 * 2 * 8 * 576
+    assert result.parameters.base == 134_515_008
+    assert result.evaluation is not None
+    assert result.evaluation.num_examples == 2
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in result.history)

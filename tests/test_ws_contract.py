@@ -194,14 +194,14 @@ def test_pse_bundle_round_trip(tmp_path):
 def test_load_with_wrong_class(small_matrix, tmp_path):
     matrix, _ = small_matrix
     path = MajorityVote().fit(matrix).save(tmp_path / "vote.safetensors")
-    with pytest.raises(BundleError, match="holds the label model 'majority_vote', not 'dawid_skene'"):
+    with pytest.raises(BundleError, match="contains the label model 'majority_vote', not 'dawid_skene'"):
         DawidSkene.load(path)
 
 
 def test_load_bundle_with_interventions(tmp_path):
     vector = labhooks.SteeringVector("post_block[0]", torch.ones(4))
     path = labhooks.save_bundle(tmp_path / "vector.safetensors", [vector])
-    with pytest.raises(BundleError, match="holds interventions, not a label model"):
+    with pytest.raises(BundleError, match="contains interventions, not a label model"):
         Aggregator.load(path)
 
 
@@ -245,3 +245,22 @@ def test_silent_source_accuracy_is_nan(aggregator_class):
     accuracies = aggregator_class().fit(matrix).accuracies
     assert np.isnan(accuracies[3])
     assert np.isfinite(accuracies[:3]).all()
+
+
+def test_load_rejects_wrong_tensor_shape(small_matrix, tmp_path):
+    matrix, _ = small_matrix
+    model = DawidSkene().fit(matrix)
+    tensors = {key: torch.from_numpy(value) for key, value in model.state().items()}
+    tensors["confusion"] = tensors["confusion"][:, :2, :]
+    path = labhooks.save_bundle(tmp_path / "broken.safetensors", tensors=tensors, plugin="ws", method="dawid_skene", config=model.config())
+    with pytest.raises(BundleError, match=r"confusion of shape \[4, 2, 3\], expected \[4, 3, 3\]"):
+        Aggregator.load(path)
+
+
+def test_load_rejects_missing_tensor(small_matrix, tmp_path):
+    matrix, _ = small_matrix
+    model = TensorDecomposition().fit(matrix)
+    tensors = {key: torch.from_numpy(value) for key, value in model.state().items() if key != "tables"}
+    path = labhooks.save_bundle(tmp_path / "partial.safetensors", tensors=tensors, plugin="ws", method="tensor", config=model.config())
+    with pytest.raises(BundleError, match="missing the tensor 'tables'"):
+        Aggregator.load(path)

@@ -88,7 +88,11 @@ def _read_csv(path: Path) -> np.ndarray:
         first = handle.readline()
     if not first.strip():
         raise LabelMatrixError(f"{path} is empty; give one row per example and one column per source")
-    delimiter = "," if "," in first else ("\t" if "\t" in first else None)
+    delimiter: str | None = None
+    if "," in first:
+        delimiter = ","
+    elif "\t" in first:
+        delimiter = "\t"
     header = not all(_is_number(cell) for cell in (first.split(delimiter) if delimiter else first.split()))
     skip = 1 if header else 0
     try:

@@ -74,8 +74,8 @@ def validate_label_matrix(
 ) -> np.ndarray:
     """Check a label matrix and return it as an integer array of shape ``(n, m)``.
 
-    Raises :class:`LabelMatrixError` when the matrix is not 2-D or is empty, holds
-    non-integer values or labels outside ``-1 .. cardinality - 1``, holds only abstains
+    Raises :class:`LabelMatrixError` when the matrix is not 2-D or is empty, contains
+    non-integer values or labels outside ``-1 .. cardinality - 1``, contains only abstains
     (unless ``allow_all_abstain``), has fewer than ``min_sources`` columns, or has a
     column count other than ``num_sources`` (the count an aggregator was fitted on).
     """
@@ -235,7 +235,7 @@ class Aggregator(ABC):
 
         ``cardinality`` defaults to the largest label + 1 (at least 2). ``class_balance``
         (one proportion per class) is used as given; without it, each aggregator
-        estimates it or assumes uniform classes, as its docstring says.
+        estimates it or assumes uniform classes, as its class documentation states.
         """
         matrix = validate_label_matrix(label_matrix, cardinality, min_sources=self.min_sources, method=self.name)
         resolved = cardinality if cardinality is not None else infer_cardinality(matrix)
@@ -269,7 +269,7 @@ class Aggregator(ABC):
 
         Classes whose probabilities are equal within 1e-9 are ties. ``tie_break="random"``
         picks one of them uniformly with a generator seeded by the ``seed`` option, so
-        the same call returns the same labels; ``"abstain"`` returns -1 for tied rows.
+        the same call returns the same labels. ``"abstain"`` returns -1 for tied rows.
         """
         if tie_break not in ("random", "abstain"):
             raise ConfigError(f"invalid tie_break {tie_break!r}: choose 'random' or 'abstain'")
@@ -318,6 +318,13 @@ class Aggregator(ABC):
     def _new(cls, options: dict[str, Any], state: dict[str, np.ndarray]) -> Aggregator:
         return cls(**options)
 
+    def _restored(self, state: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Return ``state[key]`` as float64, raising :class:`BundleError` unless it has ``shape``."""
+        value = np.asarray(state[key], dtype=np.float64)
+        if value.shape != shape:
+            raise BundleError(f"the saved {self.name} label model has {key} of shape {list(value.shape)}, expected {list(shape)}")
+        return value
+
     @classmethod
     def from_state(cls, config: dict[str, Any], state: dict[str, np.ndarray]) -> Aggregator:
         """Rebuild a fitted aggregator from :meth:`config` and :meth:`state`.
@@ -356,13 +363,13 @@ class Aggregator(ABC):
         """
         where = bundle.path or "bundle"
         if bundle.interventions:
-            raise BundleError(f"{where} holds interventions, not a label model; load it with labhooks.load_bundle")
+            raise BundleError(f"{where} contains interventions, not a label model; load it with labhooks.load_bundle")
         method = bundle.method
         if not method:
             raise BundleError(f"{where} names no label model (its manifest has no method name)")
         if cls.name:
             if method != cls.name:
-                raise BundleError(f"{where} holds the label model {method!r}, not {cls.name!r}; load it with Aggregator.load")
+                raise BundleError(f"{where} contains the label model {method!r}, not {cls.name!r}; load it with Aggregator.load")
             target: type[Aggregator] = cls
         else:
             from labhooks.plugins import get_registry

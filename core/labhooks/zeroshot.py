@@ -240,10 +240,12 @@ def _model_type(model: nn.Module) -> str | None:
 class ZeroShotClassifier(nn.Module):
     """Zero-shot classification by similarity between input embeddings and class-prompt embeddings.
 
-    Build one with :meth:`from_model` (or :meth:`from_loaded`); the constructor takes the
-    parts directly. Class prompts are embedded once, at construction, so interventions
-    attached later never edit them. Each class may have several prompts, whose normalised
-    embeddings are averaged.
+    Build one with :meth:`from_model` (or :meth:`from_loaded`). The constructor takes the
+    parts directly; an embedder of another kind must keep its block list at one of the
+    paths of :data:`ZEROSHOT_ADAPTER`, or :func:`labhooks.attach` cannot resolve sites on
+    it. Class prompts are embedded once, at construction, so interventions attached later
+    never edit them. Each class may have several prompts, whose normalised embeddings are
+    averaged.
 
     ``forward(**inputs)`` takes what the embedder takes: ``input_ids`` (and
     ``attention_mask``) for text, ``pixel_values`` for images. :meth:`predict_logits` takes
@@ -534,7 +536,9 @@ def classifier_from_metadata(loaded: LoadedModel, metadata: Mapping[str, Any], *
     try:
         prompts = metadata["class_prompts"]
     except (KeyError, TypeError):
-        raise ConfigError("the metadata contains no zero-shot classifier (no 'class_prompts'); pass the metadata of a roboshot or otter bundle") from None
+        raise ConfigError(
+            "the metadata contains no zero-shot classifier (no 'class_prompts'); pass the metadata of a roboshot or otter bundle"
+        ) from None
     options.setdefault("class_names", metadata.get("class_names"))
     options.setdefault("modality", metadata.get("modality"))
     if metadata.get("encoder_type") == "sentence_encoder":

@@ -45,6 +45,17 @@ TARGET_HELP = (
 )
 
 
+def _check_target_option(target: str, labeled: str | None) -> None:
+    lowered = target.strip().lower()
+    if lowered in ("bbse", "mlls") and labeled is None:
+        raise ConfigError(f"target={lowered} needs labeled=FILE: examples with labels from the source distribution")
+    if lowered not in ("uniform", "bbse", "mlls", "labels"):
+        try:
+            [float(item) for item in target.split(",")]
+        except ValueError:
+            raise ConfigError(f"invalid target {target!r}: {TARGET_HELP}") from None
+
+
 def _check_solver_options(solver: str, reg: float, max_iterations: int) -> None:
     if solver not in SOLVERS:
         raise ConfigError(f"invalid solver {solver!r}: choose one of {', '.join(SOLVERS)}")
@@ -89,7 +100,9 @@ class RebalanceConfig:
     scores: str = option("logits", "what the scores are", choices=SCORE_KINDS)
     target: str = option("uniform", TARGET_HELP)
     labeled: str | None = option(None, "file of labeled scores from the source distribution, for target=bbse or mlls")
-    score_field: str = option("scores", "field of a JSONL, JSON or CSV record that contains the scores (CSV: a prefix of the score columns)")
+    score_field: str = option(
+        "scores", "field of a JSONL, JSON or CSV record that contains the scores (CSV: a prefix of the score columns)"
+    )
     label_field: str = option("label", "field that contains the true class index, if any")
     solver: str = option("emd", "transport solver: exact EMD or entropic Sinkhorn", choices=SOLVERS)
     reg: float = option(0.05, "entropic regularisation of the Sinkhorn solvers, in nats of the cost -log p")
@@ -99,6 +112,7 @@ class RebalanceConfig:
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("missing data=FILE: a prediction file with one row of class scores per input")
+        _check_target_option(self.target, self.labeled)
         _check_solver_options(self.solver, self.reg, self.max_iterations)
 
 
@@ -253,6 +267,7 @@ class RotterConfig:
             raise ConfigError(f"class_prompts= gives {len(self.class_prompts)} prompts for {len(self.classes)} classes; give one per class")
         if not 0 < self.validation_fraction <= 1:
             raise ConfigError(f"validation_fraction must be in (0, 1], got {self.validation_fraction}")
+        _check_target_option(self.target, self.labeled)
         _check_solver_options(self.solver, self.reg, self.max_iterations)
 
 
@@ -394,7 +409,7 @@ def run_mcq(inputs: MethodInputs) -> MethodResult:
 
     rows = [distribution_row(name, label_distribution(value, num_options)) for name, value in results.items()]
     tables = []
-    metrics = {"questions": float(len(records))}
+    metrics = {"questions": float(len(records)), "rotter_agreement_with_otter": percent(accuracy(online, after))}
     if all("answer" in record for record in records):
         labels = torch.tensor([int(record["answer"]) for record in records])
         rows.insert(0, distribution_row("correct answers", label_distribution(labels, num_options)))

@@ -29,7 +29,7 @@ class RoboShotConfig:
     task: str = option("", "one-sentence description of the task, given to the language model when insights=lm")
     insights: str = option("lm", "where insight pairs come from: lm (ask the language model) or a .txt or .json file")
     insight_model: str | None = option(None, "language model for insights=lm (default: the embedded SmolLM2-135M-Instruct)")
-    num_insights: int = option(3, "insight pairs requested per kind and pair of classes", unit="pairs")
+    num_insights: int = option(3, "insight pairs kept at most from each language model output", unit="pairs")
     attempts: int = option(3, "generations per prompt before an unparseable answer is an error (the first greedy, then sampled)")
     max_new_tokens: int = option(96, "token budget of each language model answer", unit="tokens")
     mode: str = option("both", "reject harmful directions, amplify helpful ones, or both", choices=MODES)

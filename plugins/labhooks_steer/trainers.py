@@ -175,8 +175,6 @@ def _run(
     parameter_groups: Sequence[dict[str, Any]] | None = None,
     penalty: Callable[[float], torch.Tensor] | None = None,
     base_parameters: int | None = None,
-    tensors: dict[str, torch.Tensor] | None = None,
-    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     config: TrainingConfig = inputs.config
     train_examples, eval_examples = split_examples(config, inputs.examples, inputs.eval_examples)
@@ -198,8 +196,7 @@ def _run(
     )
     parameters = count_trainable_parameters([run_model, *interventions], base)
     weights = {f"{WEIGHTS_PREFIX}{name}": tensor.detach() for name, tensor in trainable_weights(run_model).items()}
-    weights.update(tensors or {})
-    return build_result(method, fitted, parameters, interventions=interventions, tensors=weights, metadata=metadata)
+    return build_result(method, fitted, parameters, interventions=interventions, tensors=weights)
 
 
 def _seed(config: TrainingConfig) -> None:

@@ -95,4 +95,5 @@ class DawidSkene(Aggregator):
         return {"confusion": self._confusion}
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._confusion = np.asarray(state["confusion"], dtype=np.float64)
+        assert self.num_sources is not None and self.cardinality is not None
+        self._confusion = self._restored(state, "confusion", (self.num_sources, self.cardinality, self.cardinality))

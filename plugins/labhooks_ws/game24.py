@@ -1,6 +1,6 @@
 """The game of 24 as a weak-supervision task with structured outputs.
 
-A puzzle is four numbers from 1 to 13; an answer is an arithmetic expression that uses
+A puzzle is four numbers from 1 to 13; a solution is an arithmetic expression that uses
 each number once with + - * / and evaluates to 24. Expressions are represented as
 templates over four slots ``a <= b <= c <= d`` (the puzzle's numbers in sorted
 order), written in postfix (reverse Polish) notation with seven tokens, for example

@@ -55,4 +55,5 @@ class MajorityVote(Aggregator):
         return {"agreement": self._agreement}
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._agreement = np.asarray(state["agreement"], dtype=np.float64)
+        assert self.num_sources is not None
+        self._agreement = self._restored(state, "agreement", (self.num_sources,))

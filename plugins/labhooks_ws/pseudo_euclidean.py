@@ -217,10 +217,10 @@ class PseudoEuclidean(MetricSpaceAggregator):
 
     ``predict_proba`` is the posterior of the source model. ``predict`` snaps the
     theta-weighted mean of the embedded votes to the nearest label. In a
-    pseudo-Euclidean space the squared distance from that mean to label y is
+    pseudo-Euclidean space the squared distance from that mean to label y equals
     sum_a theta_a d(lambda_a, y)^2 / sum_a theta_a minus a term that does not depend
-    on y, so ``predict`` minimises sum_a theta_a d(lambda_a, y)^2 with the distance
-    matrix directly (exact even when the embedding is truncated). The two differ when
+    on y. So ``predict`` minimises sum_a theta_a d(lambda_a, y)^2 with the distance
+    matrix directly, which is exact even when the embedding is truncated. The two differ when
     Z_a(y) varies with y, for example near the leaves of a tree. Needs three sources.
     """
 
@@ -443,6 +443,7 @@ class PseudoEuclidean(MetricSpaceAggregator):
         return {"thetas": self._thetas, "tensor_thetas": self.tensor_thetas, "log_partitions": self._log_partitions}
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._thetas = np.asarray(state["thetas"], dtype=np.float64)
-        self.tensor_thetas = np.asarray(state["tensor_thetas"], dtype=np.float64)
-        self._log_partitions = np.asarray(state["log_partitions"], dtype=np.float64)
+        assert self.num_sources is not None and self.cardinality is not None
+        self._thetas = self._restored(state, "thetas", (self.num_sources,))
+        self.tensor_thetas = self._restored(state, "tensor_thetas", (self.num_sources,))
+        self._log_partitions = self._restored(state, "log_partitions", (self.num_sources, self.cardinality))

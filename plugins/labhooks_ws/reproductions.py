@@ -81,8 +81,8 @@ SYNTHETIC_COVERAGE = [0.9, 0.8, 1.0, 0.85, 0.95]
 def synthetic_experiment(count: int, seed: int, scenarios: Sequence[str] | None = None) -> ReportTable:
     """Largest accuracy-estimation error and aggregate accuracy of every label model on :data:`SYNTHETIC_SCENARIOS`.
 
-    Snorkel runs with 1000 steps and, in the imbalanced scenarios, the true class
-    balance as its prior (it does not estimate one); its default fit is timed in
+    Snorkel runs with 1000 steps. In the imbalanced scenarios it gets the true class
+    balance as its prior, because it does not estimate one. Its default fit is timed in
     ``benchmarks/bench_aggregators.py``.
     """
     builders: dict[str, Callable[[], Aggregator]] = {

@@ -79,13 +79,16 @@ class SnorkelLabelModel(Aggregator):
         import torch
         from torch import nn
 
-        assert self.cardinality is not None and self.num_sources is not None and self.class_balance is not None
+        assert self.cardinality is not None
+        assert self.num_sources is not None
+        assert self.class_balance is not None
         model = _build_label_model(self.cardinality)
         # NOTE: snorkel 0.10 saves only with pickle, so this sets the attributes that its
         # predict_proba reads (m, the clique tree, the class prior and mu) directly.
         model.m = self.num_sources  # type: ignore[attr-defined]
         model._create_tree()  # type: ignore[attr-defined]
         model._set_class_balance(self.class_balance.tolist(), None)  # type: ignore[attr-defined]
-        model.mu = nn.Parameter(torch.from_numpy(np.asarray(state["mu"], dtype=np.float32)))  # type: ignore[attr-defined]
+        mu = self._restored(state, "mu", (self.num_sources * self.cardinality, self.cardinality))
+        model.mu = nn.Parameter(torch.from_numpy(mu.astype(np.float32)))  # type: ignore[attr-defined]
         self._model = model
-        self._weights = np.asarray(state["weights"], dtype=np.float64)
+        self._weights = self._restored(state, "weights", (self.num_sources,))

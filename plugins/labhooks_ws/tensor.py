@@ -77,7 +77,7 @@ class TensorDecomposition(Aggregator):
     """The multi-view tensor method with one-hot source views (see the module docstring).
 
     Sources are dealt to the three views in snake order of their agreement with the
-    majority vote, so every view holds a reliable source. The decomposition starts
+    majority vote, so every view contains a reliable source. The decomposition starts
     from the majority-vote conditional means and weights. Components are matched to
     classes by the assignment that maximises the summed probability of voting for the
     matched class (sources are assumed better than random).
@@ -176,4 +176,5 @@ class TensorDecomposition(Aggregator):
         return {"tables": self._tables}
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._tables = np.asarray(state["tables"], dtype=np.float64)
+        assert self.num_sources is not None and self.cardinality is not None
+        self._tables = self._restored(state, "tables", (self.num_sources, self.cardinality + 1, self.cardinality))

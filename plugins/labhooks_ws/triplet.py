@@ -76,7 +76,7 @@ def triplet_magnitudes(moments: np.ndarray, min_denominator: float) -> np.ndarra
 
 def _signed_votes(matrix: np.ndarray, positive: int, cardinality: int) -> np.ndarray:
     """Return votes coded +1 (label == positive), -1 (another label) and 0 (abstain), as float32."""
-    # One lookup per entry: index -1 (abstain) reads the last slot, which holds 0.
+    # One lookup per entry: index -1 (abstain) reads the last slot, which is 0.
     codes = np.full(cardinality + 1, -1.0, dtype=np.float32)
     codes[positive] = 1.0
     codes[cardinality] = 0.0
@@ -127,10 +127,12 @@ class FlyingSquid(Aggregator):
     follows exactly from its one-versus-rest accuracies a_c: P(correct) =
     (sum_c a_c - (k - 2)) / 2. The one-versus-rest models assume errors that do not
     depend on the class, which fails when a source's errors spread over k - 1 classes,
-    so these estimates are biased for k > 2. ``multiclass="symmetric"`` instead codes
-    votes as one-hot vectors minus 1/k; if each source is right with probability
-    alpha_i and otherwise picks one of the other classes uniformly, their inner
-    products factor as in the binary case and the same triplet estimator recovers alpha_i.
+    so these estimates are biased for k > 2.
+
+    ``multiclass="symmetric"`` instead codes votes as one-hot vectors minus 1/k.
+    Suppose each source is right with probability alpha_i and otherwise picks one of
+    the other classes uniformly. Then the inner products of these vectors factor as in
+    the binary case, and the same triplet estimator recovers alpha_i.
     """
 
     name = "flyingsquid"
@@ -234,6 +236,8 @@ class FlyingSquid(Aggregator):
         return {"accuracies": self._accuracy, "class_accuracies": self._class_accuracies, "binary_rates": self._binary_rates}
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._accuracy = np.asarray(state["accuracies"], dtype=np.float64)
-        self._class_accuracies = np.asarray(state["class_accuracies"], dtype=np.float64)
-        self._binary_rates = np.asarray(state["binary_rates"], dtype=np.float64)
+        assert self.num_sources is not None
+        self._accuracy = self._restored(state, "accuracies", (self.num_sources,))
+        rates = np.asarray(state["binary_rates"])
+        self._binary_rates = self._restored(state, "binary_rates", (rates.shape[0],))
+        self._class_accuracies = self._restored(state, "class_accuracies", (rates.shape[0], self.num_sources))
