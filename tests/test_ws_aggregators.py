@@ -17,7 +17,8 @@ from labhooks_ws.simulate import (
 )
 from labhooks_ws.snorkel_model import SnorkelLabelModel
 from labhooks_ws.tensor import TensorDecomposition
-from labhooks_ws.triplet import FlyingSquid, triplet_magnitudes
+from labhooks_ws.triplet import FlyingSquid, _signed_votes, fit_binary, triplet_magnitudes
+from labhooks_ws.votes import distinct_rows
 
 ACCURACIES = [0.9, 0.8, 0.7, 0.75, 0.65]
 COVERAGE = [0.9, 0.8, 1.0, 0.85, 0.95]
@@ -75,6 +76,25 @@ def test_triplet_exact_on_population_moments():
     moments = np.outer(correlations, correlations)
     np.fill_diagonal(moments, 1.0)
     assert np.allclose(triplet_magnitudes(moments, 1e-4), correlations)
+
+
+def test_distinct_rows_counts():
+    matrix, _ = simulate_label_matrix(500, [0.8, 0.7, 0.6], 3, coverage=[0.9, 0.8, 0.7], seed=1)
+    rows, counts = distinct_rows(matrix, 3)
+    unique, unique_counts = np.unique(matrix, axis=0, return_counts=True)
+    expected = {tuple(row): count for row, count in zip(unique.tolist(), unique_counts.tolist(), strict=True)}
+    assert {tuple(row): count for row, count in zip(rows.tolist(), counts.tolist(), strict=True)} == expected
+    assert distinct_rows(matrix, 3, max_codes=10) is None
+
+
+def test_triplet_on_distinct_rows_matches_full():
+    matrix, _ = simulate_label_matrix(3000, ACCURACIES, 2, coverage=COVERAGE, seed=3)
+    rows, counts = distinct_rows(matrix, 2)
+    full = fit_binary(_signed_votes(matrix, 1, 2), 1e-4, None)
+    compressed = fit_binary(_signed_votes(rows, 1, 2), 1e-4, None, counts)
+    assert np.allclose(full[0], compressed[0])
+    assert full[1] == pytest.approx(compressed[1])
+    assert np.allclose(full[2], compressed[2])
 
 
 def test_flyingsquid_one_vs_rest_binary_identity():

@@ -23,7 +23,7 @@ import numpy as np
 
 from labhooks.aggregators import ABSTAIN, Aggregator, AggregatorConfig
 from labhooks.config import option
-from labhooks_ws.votes import pairwise_agreement
+from labhooks_ws.votes import distinct_rows, pairwise_agreement
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +83,22 @@ def _signed_votes(matrix: np.ndarray, positive: int, cardinality: int) -> np.nda
     return np.take(codes, matrix)
 
 
-def fit_binary(signed: np.ndarray, min_denominator: float, positive_rate: float | None) -> tuple[np.ndarray, float, np.ndarray]:
+def fit_binary(
+    signed: np.ndarray, min_denominator: float, positive_rate: float | None, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Fit the binary triplet model on +1/-1/0 votes; return (accuracies, P(Y = +1), coverage).
 
-    The accuracy is P(vote = Y | the source votes). Without ``positive_rate``, E[Y]
-    is estimated from E[lambda_i] = E[lambda_i Y] E[Y] by least squares over sources.
+    The accuracy is P(vote = Y | the source votes). ``weights`` counts how often each
+    row occurs (for distinct rows). Without ``positive_rate``, E[Y] is estimated from
+    E[lambda_i] = E[lambda_i Y] E[Y] by least squares over sources.
     """
-    count = signed.shape[0]
-    moments = (signed.T @ signed).astype(np.float64) / count
+    if weights is None:
+        weighted = signed
+        total = float(signed.shape[0])
+    else:
+        weighted = signed * weights[:, None].astype(signed.dtype)
+        total = float(weights.sum())
+    moments = (weighted.T @ signed).astype(np.float64) / total
     # A vote squared is 1 and an abstain 0, so the diagonal of the moments is the coverage.
     coverage = np.diagonal(moments).copy()
     correlation = np.minimum(triplet_magnitudes(moments, min_denominator), coverage)
@@ -99,7 +107,7 @@ def fit_binary(signed: np.ndarray, min_denominator: float, positive_rate: float 
     accuracies[voted] = np.clip(0.5 * (1.0 + correlation[voted] / coverage[voted]), 0.5, _MAX_ACCURACY)
 
     if positive_rate is None:
-        means = (np.ones(count, dtype=np.float32) @ signed).astype(np.float64) / count
+        means = weighted.sum(axis=0, dtype=np.float64) / total
         strength = float(correlation @ correlation)
         expected_y = float(correlation @ means) / strength if strength > 0 else 0.0
         positive_rate = 0.5 * (1.0 + float(np.clip(expected_y, -0.98, 0.98)))
@@ -144,9 +152,11 @@ class FlyingSquid(Aggregator):
     def _fit(self, matrix: np.ndarray, cardinality: int, class_balance: np.ndarray | None) -> None:
         minimum = self.options.min_denominator
         if cardinality == 2:
-            signed = _signed_votes(matrix, 1, 2)
+            # The moments only depend on how often each row of votes occurs.
+            compressed = distinct_rows(matrix, cardinality)
+            rows, counts = compressed if compressed is not None else (matrix, None)
             accuracies, positive_rate, self.coverage = fit_binary(
-                signed, minimum, None if class_balance is None else float(class_balance[1])
+                _signed_votes(rows, 1, 2), minimum, None if class_balance is None else float(class_balance[1]), counts
             )
             self._class_accuracies = accuracies[None, :]
             self._binary_rates = np.array([positive_rate])
@@ -160,10 +170,12 @@ class FlyingSquid(Aggregator):
     def _fit_one_vs_rest(self, matrix: np.ndarray, cardinality: int, class_balance: np.ndarray | None) -> None:
         per_class = np.zeros((cardinality, matrix.shape[1]))
         rates = np.zeros(cardinality)
+        compressed = distinct_rows(matrix, cardinality)
+        rows, counts = compressed if compressed is not None else (matrix, None)
         for label in range(cardinality):
             given = None if class_balance is None else float(class_balance[label])
             per_class[label], rates[label], self.coverage = fit_binary(
-                _signed_votes(matrix, label, cardinality), self.options.min_denominator, given
+                _signed_votes(rows, label, cardinality), self.options.min_denominator, given, counts
             )
         self._class_accuracies = per_class
         self._binary_rates = rates

@@ -51,6 +51,24 @@ def pairwise_agreement(matrix: np.ndarray, cardinality: int) -> tuple[np.ndarray
     return agree / n, overlap.astype(np.float64) / n
 
 
+def distinct_rows(matrix: np.ndarray, cardinality: int, max_codes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return (distinct rows, how often each occurs), or None when there could be more than ``max_codes`` distinct rows.
+
+    Each row is read as a number in base k + 1 (label + 1 per digit), so counting the
+    rows is one pass and a ``np.bincount``, much cheaper than sorting them.
+    """
+    base = cardinality + 1
+    sources = matrix.shape[1]
+    if base**sources > max_codes:
+        return None
+    powers = base ** np.arange(sources, dtype=np.int64)
+    codes = np.einsum("ij,j->i", matrix, powers) + powers.sum()
+    counts = np.bincount(codes, minlength=base**sources)
+    present = np.flatnonzero(counts)
+    digits = (present[:, None] // powers[None, :]) % base - 1
+    return digits, counts[present].astype(np.float64)
+
+
 def snake_groups(order: np.ndarray, count: int = 3) -> list[list[int]]:
     """Deal sources into ``count`` groups in snake order (0, 1, 2, 2, 1, 0, 0, ...).
 
