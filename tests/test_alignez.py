@@ -359,3 +359,13 @@ def test_cli_rejects_bad_axis_before_loading():
     assert result.exit_code == 2
     assert "unknown axis 'nope'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_help_lists_options(monkeypatch):
+    from labhooks_cli import console
+
+    monkeypatch.setattr(console.console, "width", 240)
+    result = CliRunner().invoke(app, ["apply", "plugin=alignez", "--help"])
+    assert result.exit_code == 0
+    for text in ("explained_variance", "max_directions", "top_layers", "last_prompt+generated", "post_mlp[*]"):
+        assert text in result.output

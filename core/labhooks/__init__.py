@@ -10,6 +10,7 @@ The public surface is listed in ``__all__``::
 """
 
 from labhooks._version import __version__
+from labhooks.aggregators import Aggregator, LabelMatrixError
 from labhooks.architectures import ArchitectureAdapter, TowerLayout
 from labhooks.attach import ActivationRecord, AttachHandle, attach, record
 from labhooks.bundles import Bundle, ModelInfo, load_bundle, read_manifest, save_bundle
@@ -34,6 +35,7 @@ from labhooks.sites import Site, SiteSpec, parse_site
 
 __all__ = [
     "ActivationRecord",
+    "Aggregator",
     "ArchitectureAdapter",
     "AttachHandle",
     "Bundle",
@@ -43,6 +45,7 @@ __all__ = [
     "FunctionIntervention",
     "Intervention",
     "InterventionContext",
+    "LabelMatrixError",
     "LabhooksError",
     "LoadedModel",
     "Method",

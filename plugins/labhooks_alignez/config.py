@@ -1,7 +1,7 @@
 """The AlignEZ config and its preference axes.
 
 An axis is a pair of keywords (the preferred and the dispreferred kind of answer) and a
-mode. Three axes are built in; ``PREFERRED/DISPREFERRED`` names a new one. A mode suffix
+mode. Three axes are built in, and ``PREFERRED/DISPREFERRED`` names a new one. A mode suffix
 (``helpful:suppress``, ``concise/rambling:boost``) overrides the axis's default mode.
 """
 

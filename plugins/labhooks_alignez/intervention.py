@@ -94,7 +94,7 @@ class AlignEZIntervention(Intervention):
         self.alpha = float(alpha)
         self.form = form
         self.register_buffer("directions", directions.detach().clone().float())
-        # Per-direction mode signs and axis weights follow from the config; they are not saved.
+        # Per-direction mode signs and axis weights follow from the config, so they are not saved.
         self.register_buffer(
             "direction_signs", torch.tensor([MODE_SIGNS[m] for m, c in zip(modes, counts, strict=True) for _ in range(c)]), persistent=False
         )

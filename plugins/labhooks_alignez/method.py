@@ -142,7 +142,7 @@ def run(inputs: MethodInputs) -> MethodResult:
     ]
 
     # NOTE: the edited layers are chosen once, from the fitting queries, not per query at
-    # inference: a hook sees one layer at a time, so it cannot rank layers before editing.
+    # inference: a hook runs at one layer at a time, so it cannot rank the layers before editing.
     query_states = _read_states(inputs, [format_prompt(tokenizer, query) for query in fit_queries], "query states")
     scores = rank_layers(query_states, fits_by_axis, [axis.mode for axis in axes], weights)
     has_directions = [any(axis_fits[index].directions.shape[0] > 0 for axis_fits in fits_by_axis) for index in range(len(layers))]

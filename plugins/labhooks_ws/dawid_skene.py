@@ -1,9 +1,8 @@
 """Dawid-Skene: a confusion matrix per source, fitted by expectation-maximisation.
 
-Dawid and Skene (1979), "Maximum Likelihood Estimation of Observer Error-Rates Using
-the EM Algorithm". Each source has a full confusion matrix P(label | true class);
-sources are conditionally independent given the true class, and abstains carry no
-information about it.
+Each source has a full confusion matrix P(label | true class). Sources are
+conditionally independent given the true class, and abstains carry no information
+about it.
 """
 
 from __future__ import annotations

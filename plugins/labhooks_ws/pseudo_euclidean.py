@@ -5,8 +5,7 @@ expressions). Source a outputs point l with probability
 
     P(lambda_a = l | Y = y) = exp(-theta_a d(l, y)^2) / Z_a(y),
 
-so its errors land near the true label, and theta_a measures its quality
-(Vishwakarma and Sala, 2022, "Lifting Weak Supervision To Structured Prediction").
+so its errors land near the true label, and theta_a measures its quality.
 
 Any finite metric space embeds isometrically in a pseudo-Euclidean space
 R^(d+, d-): with G = -1/2 J D2 J (D2 the squared distances, J the centring matrix)
@@ -23,7 +22,8 @@ stays identifiable when a part has fewer than k dimensions). The refinement step
 maximises the likelihood of the source model (L-BFGS with the EM gradient), starting
 from the tensor estimate.
 The tensor estimate alone is noisy for very accurate sources: on a spider tree of 31
-nodes with theta = (4, 0.5, 0.5) and n = 10,000 it put theta_1 between 2.6 and 7.7.
+nodes with theta = (4, 0.5, 0.5) and n = 10,000 it put theta_1 between 2.65 and 8.14
+over five seeds, and the refinement between 3.82 and 4.58.
 """
 
 from __future__ import annotations

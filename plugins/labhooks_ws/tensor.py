@@ -10,8 +10,7 @@ are then three views of a mixture, and their third moment is
 where mu_v,y stacks the conditional distributions P(label | Y = y) of the group's
 sources. A rank-k CP decomposition of the empirical third moment (tensorly's
 non-negative HALS) recovers these per-class means, hence every source's
-conditional distribution and the class balance (Anandkumar et al., 2014, "Tensor
-Decompositions for Learning Latent Variable Models").
+conditional distribution and the class balance.
 """
 
 from __future__ import annotations

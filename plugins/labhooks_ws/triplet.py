@@ -8,9 +8,8 @@ i, j, k then give
     |E[lambda_i Y]| = sqrt(|E[lambda_i lambda_j] E[lambda_i lambda_k] / E[lambda_j lambda_k]|),
 
 and the sign is fixed by assuming every source is better than random. This module
-implements that estimator (Fu et al., 2020, "Fast and Three-rious: Speeding Up Weak
-Supervision with Triplet Methods") directly; the ``flyingsquid`` package on PyPI needs
-an old pgmpy release.
+implements that estimator itself. The ``flyingsquid`` package on PyPI (0.0.0a0, 2020)
+imports pgmpy's ``MarkovModel`` and declares no dependencies or versions.
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ def binary_posterior(signed: np.ndarray, accuracies: np.ndarray, positive_rate: 
 
 
 class FlyingSquid(Aggregator):
-    """FlyingSquid's triplet method (Fu et al., 2020), written in this project.
+    """FlyingSquid's triplet method, written in this project.
 
     Binary tasks use the triplet estimator of the module docstring on the raw second
     moments, with class 1 as Y = +1. Posteriors follow from the estimated accuracies
