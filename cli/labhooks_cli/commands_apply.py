@@ -5,16 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rich.table import Table
-
 import labhooks
-from labhooks.config import build_config, config_to_dict, fields_of
+from labhooks.config import build_config, config_to_dict
 from labhooks.errors import ConfigError
 from labhooks.generation import generate_texts
 from labhooks.methods import Method, MethodInputs, ReportTable
 from labhooks.models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME
 from labhooks_cli.arguments import ParsedArguments
-from labhooks_cli.console import RichProgress, console, error_console, format_cell, render_table
+from labhooks_cli.console import RichProgress, console, error_console, print_config_options, render_table
 from labhooks_cli.loading import load_model_for_cli
 
 _COMMON_APPLY_OPTIONS = ("plugin", "method", "model", "out")
@@ -30,14 +28,7 @@ def print_method_help(plugin: str, method: Method) -> None:
     """Print a method's summary and every option of its config, with defaults and units."""
     console.print(f"[bold]labhooks apply plugin={plugin} method={method.name}[/]  {method.summary}")
     console.print("Common options: model=ID|FOLDER|FILE.gguf (default: the embedded model), out=FILE.safetensors, --debug")
-    table = Table(title=f"options of {plugin}/{method.name}", show_lines=False)
-    for column in ("option", "type", "default", "unit", "help"):
-        table.add_column(column, overflow="fold")
-    for field in fields_of(method.config_class):
-        default = ",".join(str(v) for v in field.default) if isinstance(field.default, list) else format_cell(field.default)
-        type_name = field.type_name if not field.choices else " | ".join(field.choices)
-        table.add_row(field.name, type_name, default, field.unit or "", field.help)
-    console.print(table)
+    print_config_options(f"options of {plugin}/{method.name}", method.config_class)
 
 
 def _print_plugin_list() -> None:

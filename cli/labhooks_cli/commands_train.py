@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from rich.table import Table
-
 import labhooks
-from labhooks.config import build_config, config_to_dict, fields_of
+from labhooks.config import build_config, config_to_dict
 from labhooks.errors import ConfigError
 from labhooks.training import TrainableMethod, TrainInputs
 from labhooks_cli.arguments import ParsedArguments
 from labhooks_cli.commands_apply import _slug
-from labhooks_cli.console import RichProgress, console, format_cell, render_table
+from labhooks_cli.console import RichProgress, console, print_config_options, render_table
 from labhooks_cli.loading import load_model_for_cli
 
 _COMMON_TRAIN_OPTIONS = ("plugin", "method", "model", "out")
@@ -23,14 +21,7 @@ def print_trainer_help(plugin: str, trainer: TrainableMethod) -> None:
     """Print a trainable method's summary and every option of its config, with defaults and units."""
     console.print(f"[bold]labhooks train plugin={plugin} method={trainer.name} data=FILE[/]  {trainer.summary}")
     console.print("Common options: model=ID|FOLDER|FILE.gguf (default: the embedded model), out=FILE.safetensors, --debug")
-    table = Table(title=f"options of {plugin}/{trainer.name}", show_lines=False)
-    for column in ("option", "type", "default", "unit", "help"):
-        table.add_column(column, overflow="fold")
-    for field in fields_of(trainer.config_class):
-        default = ",".join(str(v) for v in field.default) if isinstance(field.default, list) else format_cell(field.default)
-        type_name = field.type_name if not field.choices else " | ".join(field.choices)
-        table.add_row(field.name, type_name, default, field.unit or "", field.help)
-    console.print(table)
+    print_config_options(f"options of {plugin}/{trainer.name}", trainer.config_class)
 
 
 def _print_trainer_list() -> None:

@@ -53,6 +53,20 @@ class RichProgress:
                 bar.advance(task)
 
 
+def print_config_options(title: str, config_class: type) -> None:
+    """Print every field of a method's config: name, type or choices, default, unit and help."""
+    from labhooks.config import fields_of
+
+    table = Table(title=title, show_lines=False)
+    for column in ("option", "type", "default", "unit", "help"):
+        table.add_column(column, overflow="fold")
+    for field in fields_of(config_class):
+        default = ",".join(str(v) for v in field.default) if isinstance(field.default, list) else format_cell(field.default)
+        type_name = field.type_name if not field.choices else " | ".join(field.choices)
+        table.add_row(field.name, type_name, default, field.unit or "", field.help)
+    console.print(table)
+
+
 def render_table(report: ReportTable) -> Table:
     table = Table(title=report.title, show_lines=True)
     for column in report.columns:
