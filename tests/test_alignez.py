@@ -64,6 +64,20 @@ def test_edit_raises_kept_components(mode, alpha):
     assert torch.allclose(after[~kept], before[~kept], atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["boost", "suppress"])
+def test_edit_matches_method_notation(mode):
+    # With theta = -p: boost keeps cos(x, theta) <= 0 and adds alpha * tanh(<x, theta>) * theta;
+    # suppress keeps cos(x, theta) > 0 and subtracts the same term.
+    directions = torch.nn.functional.normalize(torch.randn(5, WIDTH, generator=torch.Generator().manual_seed(4)), dim=-1)
+    x = torch.randn(32, WIDTH, generator=torch.Generator().manual_seed(5)) * 3
+    theta = -directions
+    inner = x @ theta.T
+    kept = inner <= 0 if mode == "boost" else inner > 0
+    sign = 1.0 if mode == "boost" else -1.0
+    expected = x + sign * 2.0 * (torch.tanh(inner) * kept) @ theta
+    assert torch.allclose(edit(directions, x, [mode], alpha=2.0), expected, atol=1e-5)
+
+
 def test_edit_filtered_directions_leave_state_unchanged():
     directions = orthonormal(3)
     x = -directions.sum(0, keepdim=True) * 2.0  # every score is -2: a boost axis keeps none
