@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from labhooks.intervention import InterventionContext
 from labhooks.methods import MethodInputs
 from labhooks.sites import Site
 from labhooks_alignez.config import AlignEZConfig, parse_axis
+from labhooks_alignez.evaluation import MarginResult
 from labhooks_alignez.intervention import AlignEZIntervention, edit_coefficients, kept_directions
 from labhooks_alignez.method import run
 from labhooks_alignez.queries import draw_and_split, load_queries, parse_queries
@@ -249,6 +251,16 @@ def test_last_token_states_match_hidden_states():
         hidden = model(torch.tensor([sequence]), output_hidden_states=True).hidden_states
         for layer in range(2):
             assert torch.allclose(states[row, layer], hidden[layer + 1][0, -1], atol=1e-4)
+
+
+def test_margin_result_statistics():
+    result = MarginResult(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.2, 0.6]))
+    assert result.base_gap == pytest.approx(0.2)
+    assert result.steered_gap == pytest.approx(1.0 / 3)
+    assert result.margin == pytest.approx(1.0 / 3 - 0.2)
+    assert result.margin_stderr == pytest.approx(float(torch.tensor([0.1, 0.0, 0.3]).std()) / 3**0.5)
+    assert result.subset([0, 2]).margin == pytest.approx(0.2)
+    assert math.isnan(result.subset([1]).margin_stderr)
 
 
 # Config and query set -------------------------------------------------------------------

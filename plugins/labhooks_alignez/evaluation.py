@@ -104,6 +104,13 @@ class MarginResult:
     def margin(self) -> float:
         return self.steered_gap - self.base_gap
 
+    @property
+    def margin_stderr(self) -> float:
+        """Standard error of the margin over pairs; NaN for fewer than two pairs."""
+        if self.pairs < 2:
+            return float("nan")
+        return float((self.steered_gaps - self.base_gaps).std() / self.pairs**0.5)
+
     def subset(self, rows: Sequence[int]) -> MarginResult:
         index = torch.tensor(list(rows), dtype=torch.long)
         return MarginResult(self.base_gaps[index], self.steered_gaps[index])

@@ -216,6 +216,8 @@ def _margin_metrics(
             "held_out_pairs": float(overall.pairs),
         }
     )
+    if overall.pairs >= 2:
+        metrics["preference_margin_stderr"] = overall.margin_stderr
     if len(axes) > 1:
         for axis in axes:
             rows = [row for row, pair in enumerate(held_pairs) if pair.axis == axis.name]
