@@ -26,12 +26,15 @@ def format_prompt(tokenizer: object, prompt: str, system: str | None = None, cha
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
 
 
-def _encode(tokenizer: object, texts: list[str], device: torch.device, padding_side: str = "left") -> dict[str, torch.Tensor]:
+def _encode(
+    tokenizer: object, texts: list[str], device: torch.device, padding_side: str = "left", templated: bool = True
+) -> dict[str, torch.Tensor]:
     previous = tokenizer.padding_side  # type: ignore[attr-defined]
     tokenizer.padding_side = padding_side  # type: ignore[attr-defined]
     try:
-        # Chat templates already contain the special tokens they need.
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # type: ignore[operator]
+        # Chat templates already contain the special tokens they need; plain prompts get the
+        # tokenizer's own (BOS), without which base models such as Gemma degenerate.
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)  # type: ignore[operator]
     finally:
         tokenizer.padding_side = previous  # type: ignore[attr-defined]
     return {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
@@ -66,12 +69,13 @@ def generate_texts(
     progress = progress or LoggingProgress()
     device = next(model.parameters()).device
     texts = [format_prompt(tokenizer, prompt, system, chat) for prompt in prompts]
+    templated = chat is not False and bool(getattr(tokenizer, "chat_template", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
 
     outputs: list[str] = []
     starts = list(range(0, len(texts), batch_size))
     for batch_index, start in enumerate(progress.track(starts, description, total=len(starts))):
-        batch = _encode(tokenizer, texts[start : start + batch_size], device)
+        batch = _encode(tokenizer, texts[start : start + batch_size], device, templated=templated)
         options: dict[str, object] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "do_sample": do_sample}
         if do_sample:
             torch.manual_seed(seed + batch_index)
