@@ -118,7 +118,7 @@ def _read_prompts(arguments: ParsedArguments) -> list[str]:
             raise ConfigError(f"prompts file {prompts_file!r} not found")
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
-            raise ConfigError(f"prompts file {prompts_file!r} holds no prompts (one per line)")
+            raise ConfigError(f"prompts file {prompts_file!r} contains no prompts (one per line)")
         return lines
     raise ConfigError('missing prompt="..." or prompts=FILE (one prompt per line)')
 
@@ -156,7 +156,7 @@ def run_generate(arguments: ParsedArguments) -> None:
     loaded = load_model_for_cli(model_spec, kind)
     bundle = labhooks.load_bundle(bundle_path, loaded.model)
     if not bundle.interventions:
-        raise ConfigError(f"bundle {bundle_path} holds no interventions to attach (it may hold a label model or other tensors)")
+        raise ConfigError(f"bundle {bundle_path} contains no interventions to attach (it may contain a label model or other tensors)")
     progress = RichProgress()
     base = generate_texts(
         loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description="base"

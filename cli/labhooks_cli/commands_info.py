@@ -97,4 +97,4 @@ def run_inspect(arguments: ParsedArguments) -> None:
         tensors.add_row("-", "-", "-", "-", name, str(tensor["shape"]), tensor["dtype"])
     console.print(tensors)
     if not manifest.get("interventions") and not manifest.get("tensors"):
-        error_console.print("the bundle holds no tensors")
+        error_console.print("the bundle contains no tensors")

@@ -60,7 +60,7 @@ class Bundle:
 
 @dataclass
 class ModelInfo:
-    """What a bundle records of the model it was made for."""
+    """The facts a bundle records about the model it was made for."""
 
     name_or_path: str | None = None
     model_type: str | None = None

