@@ -116,7 +116,7 @@ def _greedy(model, ids, mask, use_cache, new_tokens=6):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-@pytest.mark.parametrize("positions", ["generated", "prompt", "last_prompt", "last_prompt+generated", "at:1,-1"])
+@pytest.mark.parametrize("positions", ["all", "generated", "prompt", "last_prompt", "last_prompt+generated", "at:1,-1"])
 def test_generation_cache_on_equals_off(family, positions):
     model = make_decoder(family)
     ids, mask = pad_batch(prompt_ids([5, 3]), "left")
@@ -130,7 +130,7 @@ def test_generation_cache_on_equals_off(family, positions):
     assert not torch.equal(cached, plain), "the steering vector should change the generation"
 
 
-@pytest.mark.parametrize("positions", ["generated", "prompt", "last_prompt+generated"])
+@pytest.mark.parametrize("positions", ["all", "generated", "prompt", "last_prompt+generated"])
 def test_left_padded_batch_equals_single_runs(positions):
     model = make_decoder("llama")
     prompts = prompt_ids([6, 2, 4], seed=5)

@@ -47,11 +47,15 @@ class ContextTracker:
 
     def __init__(self) -> None:
         self.context: ForwardContext | None = None
+        # (batch, tokens) of this call when every token in it is real, else None: hooks that
+        # select all positions then skip the per-position work.
+        self.all_real_shape: tuple[int, int] | None = None
         self._previous_ids: torch.Tensor | None = None
         self._masks: dict[tuple[Positions, int], tuple[torch.Tensor, bool]] = {}
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._masks.clear()
+        self.all_real_shape = None
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             input_ids = args[0]
@@ -103,6 +107,8 @@ class ContextTracker:
             is_prefill = True
         self._previous_ids = input_ids.detach() if input_ids is not None else None
         self.context = ForwardContext(current_mask, positions, prompt_lengths, is_prefill, past)
+        if bool(current_mask.all()):
+            self.all_real_shape = (batch, length)
 
     def selection(self, positions: Positions, num_tokens: int) -> tuple[torch.Tensor, bool]:
         """Return the selected positions for the last ``num_tokens`` tokens, and whether all are."""
@@ -130,6 +136,8 @@ class _Hook:
         self.head_index = torch.tensor(heads) if heads is not None else None
         self.positions = intervention.positions
         self.selects_all = intervention.positions.is_all
+        # Whether forward_hook may take its short path when every token is real.
+        self.direct = self.selects_all and self.num_heads is None
 
     def _run(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor | None:
         intervention = self.intervention
@@ -185,9 +193,25 @@ class _Hook:
         return edited
 
     def forward_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (self.edit(output[0]), *output[1:])
-        return self.edit(output)
+        hidden = output[0] if isinstance(output, tuple) else output
+        tracker = self.tracker
+        real = tracker.all_real_shape
+        shape = hidden.shape
+        if self.direct and real is not None and len(shape) >= 3 and shape[0] == real[0] and shape[1] == real[1]:
+            # The common case, every token real and selected, takes the shortest path. A hook
+            # runs right after a block's heavy kernels, when each Python call and each tensor
+            # attribute read costs microseconds; this repeats _call and the end of edit()
+            # without masks, gathers or a second look at the shape.
+            forward = tracker.context
+            assert forward is not None
+            edited = self._run(hidden, InterventionContext(self.site, forward, None, forward.attention_mask))
+            if edited is None or edited is hidden:
+                return None
+            if edited.dtype != hidden.dtype:
+                edited = edited.to(hidden.dtype)
+        else:
+            edited = self.edit(hidden)
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
     def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
         return (self.edit(args[0]), *args[1:])

@@ -113,8 +113,9 @@ class SteeringVector(Intervention):
         self.scale = float(scale)
 
     def forward(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor:
-        vector = self.vector if self.vector.dtype == hidden.dtype else self.vector.to(hidden.dtype)
-        return torch.add(hidden, vector, alpha=self.scale)
+        # A float32 vector on a half-precision model promotes the sum to float32; the core
+        # casts each intervention's output back to the hidden state's dtype.
+        return torch.add(hidden, self.vector, alpha=self.scale)
 
     def config(self) -> dict[str, Any]:
         return {"vector": int(self.vector.shape[-1]), "scale": self.scale, "trainable": self.vector.requires_grad}
