@@ -201,6 +201,19 @@ def test_wrong_width_is_rejected_at_attach(clip_model):
         labhooks.attach(classifier, labhooks.SteeringVector("embeddings", torch.zeros(40)))
 
 
+@pytest.mark.parametrize(("modality", "tower_width"), [("image", 48), ("text", 32)])
+def test_open_clip_site_widths(open_clip_model, modality, tower_width):
+    # embed_dim is 24; the vision tower is 48 wide and the text tower 32.
+    model, tokenizer = open_clip_model
+    classifier = ZeroShotClassifier.from_model(model, tokenizer, PROMPTS, modality=modality)
+    widths = {row["site"]: row["width"] for row in labhooks.sites(classifier).table()}
+    assert widths["embeddings"] == "24"
+    assert widths["post_block[l]"] == str(tower_width)
+    labhooks.attach(classifier, labhooks.SteeringVector("post_block[-1]", torch.zeros(tower_width))).remove()
+    with pytest.raises(SiteError, match=f"site width is {tower_width}"):
+        labhooks.attach(classifier, labhooks.SteeringVector("post_block[-1]", torch.zeros(24)))
+
+
 def test_prompt_ensemble_averages_normalised_embeddings(clip_model):
     groups = [["a dog", "a puppy"], ["a cat"]]
     classifier = ZeroShotClassifier.from_model(clip_model, CharTokenizer(), groups, class_names=["dog", "cat"])

@@ -53,9 +53,10 @@ TextEncoder = Callable[[list[str]], torch.Tensor]
 class ZeroShotConfig:
     """Facts about a :class:`ZeroShotClassifier` that site resolution and bundles read.
 
-    ``hidden_size`` is the width of the ``embeddings`` site when that site has no linear
-    projection module of its own (sentence encoders, open_clip), and the width of the
-    input encoder's blocks otherwise (transformers' CLIP).
+    ``hidden_size`` is the width of the input encoder's blocks (the ``post_block`` sites).
+    The ``embeddings`` site takes its width from its own module: the projection of
+    transformers' CLIP, the ``output_dim`` of an open_clip embedder, and ``hidden_size``
+    again for sentence encoders, whose embedding is the mean of the last block's output.
     """
 
     hidden_size: int
@@ -183,6 +184,7 @@ class OpenCLIPTextEmbedder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.output_dim: int | None = None  # the embedding width, set once measured
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokenizer(texts)}
@@ -200,6 +202,7 @@ class OpenCLIPImageEmbedder(nn.Module):
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
         self.visual = visual
+        self.output_dim: int | None = None  # the embedding width, set once measured
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = self.visual(pixel_values)
@@ -402,15 +405,19 @@ class ZeroShotClassifier(nn.Module):
         text_embedder = OpenCLIPTextEmbedder(model, tokenizer)
         encode_texts = _batched_encode(text_embedder.encode, text_embedder.tokenize, _device_of(model), batch_size)
         if modality == "text":
-            embedder: nn.Module = text_embedder
+            embedder: OpenCLIPTextEmbedder | OpenCLIPImageEmbedder = text_embedder
         elif modality == "image":
             embedder = OpenCLIPImageEmbedder(model.visual)  # type: ignore[arg-type]
         else:
             raise ConfigError(f"invalid modality {modality!r}: choose text or image")
         embedding_width = int(encode_texts(["a"]).shape[-1])
+        # The embeddings site reads its width from ``output_dim``, and post_block[l] reads
+        # the tower width from the config.
+        embedder.output_dim = embedding_width
+        tower = model.transformer if modality == "text" else getattr(model.visual, "transformer", None)
         bias = getattr(model, "logit_bias", None)
         config = ZeroShotConfig(
-            hidden_size=embedding_width,
+            hidden_size=int(getattr(tower, "width", embedding_width)),
             num_labels=0,
             encoder_type="open_clip",
             modality=modality,
@@ -571,8 +578,7 @@ ZEROSHOT_ADAPTER = ArchitectureAdapter(
         "embeddings is the input's embedding used for similarity (pooled and projected, not "
         "normalised); logits is the (batch, classes) similarity. post_block[l] is the input "
         "encoder's residual stream; pre_mlp and post_mlp are reached by attaching to the encoder "
-        "itself. For open_clip encoders the post_block width check uses the embedding width, "
-        "which differs from the tower width in most open_clip configs."
+        "itself."
     ),
 )
 
@@ -723,3 +729,4 @@ def read_labeled_texts(
     if group_field and any(group_field in record for record in records):
         groups = [str(record.get(group_field, "")) for record in records]
     return LabeledTexts(texts, labels, groups)
+
