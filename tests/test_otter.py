@@ -442,6 +442,19 @@ def test_rebalance_config_errors():
         labhooks.build_config(RebalanceConfig, {})
 
 
+def test_rotter_config_errors():
+    from labhooks_otter.method import RotterConfig
+
+    base = {"data": "t.jsonl", "classes": "a,b"}
+    with pytest.raises(ConfigError, match="classes= needs at least two class names"):
+        labhooks.build_config(RotterConfig, {"data": "t.jsonl", "classes": "a"})
+    with pytest.raises(ConfigError, match="limit must be >= 1, got 0"):
+        labhooks.build_config(RotterConfig, {**base, "limit": "0"})
+    with pytest.raises(ConfigError, match="validation_fraction must be in"):
+        labhooks.build_config(RotterConfig, {**base, "validation_fraction": "0"})
+    assert labhooks.build_config(RotterConfig, base).batch_size == 32
+
+
 def test_cli_rebalance_rejects_model(tmp_path):
     from labhooks_cli.main import app
 

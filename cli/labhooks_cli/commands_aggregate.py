@@ -10,11 +10,10 @@ from rich.table import Table
 
 import labhooks
 from labhooks.aggregators import ABSTAIN, Aggregator, LabelMatrixError, MetricSpaceAggregator
-from labhooks.config import fields_of
 from labhooks.errors import ConfigError, PluginError
 from labhooks.methods import ReportTable
 from labhooks_cli.arguments import ParsedArguments
-from labhooks_cli.console import console, format_cell, render_table
+from labhooks_cli.console import console, print_config_options, render_table
 
 _COMMON_OPTIONS = ("method", "data", "cardinality", "class_balance", "distances", "out", "bundle", "tie_break")
 _USAGE = (
@@ -51,13 +50,7 @@ def _print_help(method: type[Aggregator] | None) -> None:
     console.print(f"[bold]method={method.name}[/]  {method.summary}")
     if issubclass(method, MetricSpaceAggregator):
         console.print("This method needs distances=D.npy|D.csv: the (K x K) distance matrix of the label space.")
-    table = Table(title=f"options of {method.name}")
-    for column in ("option", "type", "default", "unit", "help"):
-        table.add_column(column, overflow="fold")
-    for field in fields_of(method.config_class):
-        type_name = field.type_name if not field.choices else " | ".join(field.choices)
-        table.add_row(field.name, type_name, format_cell(field.default), field.unit or "", field.help)
-    console.print(table)
+    print_config_options(f"options of {method.name}", method.config_class)
 
 
 def _diagnose_csv(path: Path, delimiter: str | None, skip: int) -> str:

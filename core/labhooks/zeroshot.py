@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labhooks.architectures import ArchitectureAdapter, TowerLayout
+from labhooks.config import option
 from labhooks.errors import ConfigError
 from labhooks.models import LoadedModel
 from labhooks.progress import LoggingProgress, Progress
@@ -730,3 +731,51 @@ def read_labeled_texts(
         groups = [str(record.get(group_field, "")) for record in records]
     return LabeledTexts(texts, labels, groups)
 
+
+@dataclass
+class TextDataConfig:
+    """Options shared by methods that classify a file of texts zero-shot.
+
+    Method configs extend it with their own fields; ``validate`` checks the shared ones.
+    """
+
+    data: str = option("", "JSONL, JSON or CSV file of inputs: a text field and an optional label field")
+    classes: list[str] = option([], "class names, comma-separated, in the order of label indices")
+    class_prompts: list[str] = option([], "one prompt per class, comma-separated (default: the class names)")
+    text_field: str = option("text", "field of the data file that contains the text")
+    label_field: str = option("label", "field that contains the label (a class name or index)")
+    limit: int | None = option(None, "use only the first N records of the data file", unit="records")
+    logit_scale: float | None = option(None, "similarity scale (default: the CLIP model's own, 20 for sentence encoders)")
+    max_length: int = option(256, "token limit of each input text", unit="tokens")
+    batch_size: int = option(32, "inputs per forward pass", unit="inputs")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("missing data=FILE: a JSONL, JSON or CSV file of texts to classify")
+        if len(self.classes) < 2:
+            raise ConfigError(f"classes= needs at least two class names, comma-separated; got {self.classes}")
+        if self.class_prompts and len(self.class_prompts) != len(self.classes):
+            raise ConfigError(f"class_prompts= gives {len(self.class_prompts)} prompts for {len(self.classes)} classes; give one per class")
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+    def read_data(self, group_field: str | None = None) -> LabeledTexts:
+        """Read the data file, keeping the first ``limit`` records."""
+        data = read_labeled_texts(self.data, self.classes, self.text_field, self.label_field, group_field)
+        if self.limit is not None:
+            data = data.subset(range(min(self.limit, len(data))))
+        return data
+
+    def classifier(self, loaded: LoadedModel) -> ZeroShotClassifier:
+        """Build the zero-shot classifier these options describe around a loaded encoder."""
+        return ZeroShotClassifier.from_loaded(
+            loaded,
+            self.class_prompts or self.classes,
+            class_names=self.classes,
+            logit_scale=self.logit_scale,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+        )

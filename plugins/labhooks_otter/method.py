@@ -22,7 +22,7 @@ import torch
 from labhooks.config import option
 from labhooks.errors import ConfigError
 from labhooks.methods import Method, MethodInputs, MethodResult, ReportTable
-from labhooks.zeroshot import ZeroShotClassifier, accuracy, read_labeled_texts, read_records
+from labhooks.zeroshot import TextDataConfig, accuracy, read_labeled_texts, read_records
 from labhooks_otter.interventions import OtterRebalance, RotterReweight
 from labhooks_otter.questions import LETTERS, letter_token_ids, option_scores, read_questions
 from labhooks_otter.transport import (
@@ -237,12 +237,10 @@ def run_rebalance(inputs: MethodInputs) -> MethodResult:
 
 
 @dataclass
-class RotterConfig:
+class RotterConfig(TextDataConfig):
     """Options of ``labhooks apply plugin=otter method=rotter``."""
 
     data: str = option("", "JSONL, JSON or CSV file of inputs from the target distribution: a text field and an optional label field")
-    classes: list[str] = option([], "class names, comma-separated, in the order of label indices")
-    class_prompts: list[str] = option([], "one prompt per class, comma-separated (default: the class names)")
     target: str = option("uniform", TARGET_HELP)
     labeled: str | None = option(None, "file of labeled texts from the source distribution, for target=bbse or mlls")
     validation_fraction: float = option(0.5, "share of the data OTTER and R-OTTER are fitted on; the rest is the test split (when labeled)")
@@ -250,21 +248,10 @@ class RotterConfig:
     reg: float = option(0.05, "entropic regularisation of the Sinkhorn solvers, in nats of the cost -log p")
     max_iterations: int = option(1000, "iteration limit of the Sinkhorn solvers")
     l2: float = option(1e-4, "L2 penalty on the R-OTTER log-weights")
-    text_field: str = option("text", "field of the data file that contains the text")
-    label_field: str = option("label", "field that contains the label (a class name or index)")
-    limit: int | None = option(None, "use only the first N records of the data file", unit="records")
-    logit_scale: float | None = option(None, "similarity scale (default: the CLIP model's own, 20 for sentence encoders)")
-    max_length: int = option(256, "token limit of each input text", unit="tokens")
-    batch_size: int = option(32, "inputs per forward pass", unit="inputs")
     seed: int = option(0, "seed of the validation/test split")
 
     def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("missing data=FILE: a JSONL, JSON or CSV file of texts to classify")
-        if len(self.classes) < 2:
-            raise ConfigError(f"classes= needs at least two class names, comma-separated; got {self.classes}")
-        if self.class_prompts and len(self.class_prompts) != len(self.classes):
-            raise ConfigError(f"class_prompts= gives {len(self.class_prompts)} prompts for {len(self.classes)} classes; give one per class")
+        super().validate()
         if not 0 < self.validation_fraction <= 1:
             raise ConfigError(f"validation_fraction must be in (0, 1], got {self.validation_fraction}")
         _check_target_option(self.target, self.labeled)
@@ -276,17 +263,8 @@ def run_rotter(inputs: MethodInputs) -> MethodResult:
     config: RotterConfig = inputs.config
     if inputs.loaded is None:
         raise ConfigError("rotter needs an encoder model (model=..., default all-MiniLM-L6-v2)")
-    data = read_labeled_texts(config.data, config.classes, config.text_field, config.label_field, None)
-    if config.limit is not None:
-        data = data.subset(range(min(config.limit, len(data))))
-    classifier = ZeroShotClassifier.from_loaded(
-        inputs.loaded,
-        config.class_prompts or config.classes,
-        class_names=config.classes,
-        logit_scale=config.logit_scale,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-    )
+    data = config.read_data()
+    classifier = config.classifier(inputs.loaded)
     num_classes = classifier.num_classes
     logits = classifier.predict_logits(data.texts, config.batch_size, inputs.progress, "classifying")
 

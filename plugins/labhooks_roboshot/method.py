@@ -12,7 +12,7 @@ from labhooks.config import option
 from labhooks.errors import ConfigError
 from labhooks.methods import Method, MethodInputs, MethodResult, ReportTable
 from labhooks.models import load_model
-from labhooks.zeroshot import ZeroShotClassifier, accuracy, group_accuracy, read_labeled_texts
+from labhooks.zeroshot import TextDataConfig, ZeroShotClassifier, accuracy, group_accuracy
 from labhooks_roboshot.insights import InsightPair, generate_insights, read_insights_file
 from labhooks_roboshot.projection import MODES, RoboShotProjection
 
@@ -20,12 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RoboShotConfig:
+class RoboShotConfig(TextDataConfig):
     """Options of ``labhooks apply plugin=roboshot``."""
 
     data: str = option("", "JSONL, JSON or CSV file of inputs: a text field, and optional label and group fields")
-    classes: list[str] = option([], "class names, comma-separated, in the order of label indices")
-    class_prompts: list[str] = option([], "one prompt per class, comma-separated (default: the class names)")
     task: str = option("", "one-sentence description of the task, given to the language model when insights=lm")
     insights: str = option("lm", "where insight pairs come from: lm (ask the language model) or a .txt or .json file")
     insight_model: str | None = option(None, "language model for insights=lm (default: the embedded SmolLM2-135M-Instruct)")
@@ -35,29 +33,16 @@ class RoboShotConfig:
     mode: str = option("both", "reject harmful directions, amplify helpful ones, or both", choices=MODES)
     orthonormalize: bool = option(False, "replace each direction set by an orthonormal basis of its span (QR) first")
     renormalize: bool = option(False, "rescale the embedding to unit norm after each step (no effect on cosine predictions)")
-    text_field: str = option("text", "field of the data file that contains the text")
-    label_field: str = option("label", "field that contains the label (a class name or index)")
     group_field: str = option("group", "field that contains the group, for worst-group accuracy")
-    limit: int | None = option(None, "use only the first N records of the data file", unit="records")
-    logit_scale: float | None = option(None, "similarity scale (default: the CLIP model's own, 20 for sentence encoders)")
-    max_length: int = option(256, "token limit of each input text", unit="tokens")
-    batch_size: int = option(32, "inputs per forward pass", unit="inputs")
     seed: int = option(0, "seed of the sampled insight retries")
 
     def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("missing data=FILE: a JSONL, JSON or CSV file of texts to classify")
-        if len(self.classes) < 2:
-            raise ConfigError(f"classes= needs at least two class names, comma-separated; got {self.classes}")
-        if self.class_prompts and len(self.class_prompts) != len(self.classes):
-            raise ConfigError(f"class_prompts= gives {len(self.class_prompts)} prompts for {len(self.classes)} classes; give one per class")
+        super().validate()
         if self.insights == "lm" and not self.task.strip():
             raise ConfigError('insights=lm needs task="..." (one sentence describing the task), or pass insights=FILE')
-        for name in ("num_insights", "attempts", "max_new_tokens", "max_length", "batch_size"):
+        for name in ("num_insights", "attempts", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
 
 
 def collect_insights(config: RoboShotConfig, inputs: MethodInputs) -> list[InsightPair]:
@@ -107,17 +92,8 @@ def run_roboshot(inputs: MethodInputs) -> MethodResult:
     config: RoboShotConfig = inputs.config
     if inputs.loaded is None:
         raise ConfigError("roboshot needs an encoder model (model=..., default all-MiniLM-L6-v2)")
-    data = read_labeled_texts(config.data, config.classes, config.text_field, config.label_field, config.group_field)
-    if config.limit is not None:
-        data = data.subset(range(min(config.limit, len(data))))
-    classifier = ZeroShotClassifier.from_loaded(
-        inputs.loaded,
-        config.class_prompts or config.classes,
-        class_names=config.classes,
-        logit_scale=config.logit_scale,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-    )
+    data = config.read_data(config.group_field)
+    classifier = config.classifier(inputs.loaded)
 
     pairs = collect_insights(config, inputs)
     harmful = insight_directions(classifier, pairs, "harmful")
