@@ -13,9 +13,14 @@ gives the accuracy of
 * R-OTTER: log-weights fitted to OTTER's predictions on a validation batch drawn from the
   source pool with the same class proportions, then applied to each test document alone.
 
+With ``--compare-templates`` it instead compares zero-shot and OTTER (true distribution)
+on the unshifted test pool for several class-prompt templates and for their ensemble,
+with the documents only one of the two gets right and McNemar's exact test on them.
+
 Usage::
 
     python benchmarks/otter_bbc_label_shift.py [--size 500] [--cache bbc_embeddings.pt]
+    python benchmarks/otter_bbc_label_shift.py --compare-templates --cache bbc_embeddings.pt
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ SHIFTS = (
     [("no shift", 0.0, 0)]
     + [(f"Dirichlet(1) seed {seed}", 1.0, seed) for seed in range(5)]
     + [(f"Dirichlet(0.3) seed {seed}", 0.3, seed) for seed in range(3)]
+)
+TEMPLATES = (
+    BBC_PROMPT_TEMPLATE,
+    "{} news",
+    "a story about {}",
+    "this article is about {}",
+    "{}",
+    "news about {}",
+    "a BBC news report on {}",
+    "the topic of this text is {}",
 )
 COLUMNS = ["zero-shot", "prior matching", "OTTER (true)", "OTTER (BBSE)", "OTTER (MLLS)", "R-OTTER"]
 
@@ -69,12 +84,38 @@ def evaluate_shift(logits, labels, test, validation, labeled) -> list[float]:
     return [100 * accuracy(prediction, test_labels) for prediction in predictions]
 
 
+def compare_templates(loaded, embeddings: torch.Tensor, labels: torch.Tensor, test: torch.Tensor) -> None:
+    """Print zero-shot and OTTER accuracy on the unshifted test pool for each prompt template."""
+    from scipy.stats import binomtest
+
+    truth = label_distribution(labels[test], len(BBC_TOPICS))
+    prompt_sets = [(repr(template), [template.format(word) for word in BBC_TOPIC_WORDS]) for template in TEMPLATES]
+    prompt_sets.append(("ensemble of all eight", [[template.format(word) for template in TEMPLATES] for word in BBC_TOPIC_WORDS]))
+    print("| class prompts | zero-shot | OTTER (true) | only zero-shot right | only OTTER right | McNemar p |")
+    print("|---|---|---|---|---|---|")
+    for name, prompts in prompt_sets:
+        classifier = ZeroShotClassifier.from_loaded(loaded, prompts, class_names=list(BBC_TOPICS), max_length=128)
+        with torch.no_grad():
+            logits = classifier.head(embeddings[test])
+        zero_shot_right = logits.argmax(-1) == labels[test]
+        otter_right = otter_predict(logits, truth) == labels[test]
+        only_zero_shot = int((zero_shot_right & ~otter_right).sum())
+        only_otter = int((otter_right & ~zero_shot_right).sum())
+        discordant = only_zero_shot + only_otter
+        p_value = binomtest(only_otter, discordant).pvalue if discordant else 1.0
+        print(
+            f"| {name} | {100 * zero_shot_right.float().mean():.1f} | {100 * otter_right.float().mean():.1f} | "
+            f"{only_zero_shot} | {only_otter} | {p_value:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="OTTER on BBC News under label shift.")
     parser.add_argument("--size", type=int, default=500, help="documents per shifted test batch and validation batch")
     parser.add_argument("--per-class", type=int, default=10, help="labeled source documents per topic for BBSE and MLLS")
     parser.add_argument("--cache", type=Path, default=None, help="file to keep the document embeddings in between runs")
     parser.add_argument("--template", default=BBC_PROMPT_TEMPLATE, help="class prompt, with {} for the topic word")
+    parser.add_argument("--compare-templates", action="store_true", help="compare prompt templates without shift, then stop")
     arguments = parser.parse_args()
 
     started = time.perf_counter()
@@ -87,6 +128,9 @@ def main() -> None:
         logits = classifier.head(embeddings)
     labels = torch.from_numpy(label_array)
     source, test_pool = bbc_pools()
+    if arguments.compare_templates:
+        compare_templates(loaded, embeddings, labels, torch.from_numpy(test_pool))
+        return
     labeled = torch.from_numpy(per_class_sample(source, label_array, arguments.per_class, np.random.default_rng(100)))
     embedded = time.perf_counter()
 
