@@ -121,6 +121,11 @@ def test_train_help_lists_options():
         (["plugin=steer", "method=post_block", "rank=two", "data=x.jsonl"], "invalid value 'two' for rank"),
         (["method=post_block"], "missing plugin="),
         (["plugin=steer", "data=x.jsonl", "out=bundle.bin"], "must end in .safetensors"),
+        (["plugin=steer", "method=post_block", "rank=0", "data=x.jsonl"], "invalid value 0 for rank: must be >= 1"),
+        (["plugin=steer", "method=reft", "rank=-1", "data=x.jsonl"], "invalid value -1 for rank: must be >= 1"),
+        (["plugin=steer", "method=joint", "adapter_rank=0", "data=x.jsonl"], "invalid value 0 for adapter_rank"),
+        (["plugin=steer", "method=lofit", "top_k=0", "data=x.jsonl"], "invalid value 0 for top_k"),
+        (["plugin=steer", "method=lofit", "steps=1", "data=x.jsonl"], "invalid selection_steps=0"),
     ],
 )
 def test_train_user_errors_exit_2(words, message):
@@ -165,3 +170,33 @@ def test_apply_oracle(model_folder, data_file, tmp_path):
     assert "replay KL" in result.output
     bundle = labhooks.load_bundle(out)
     assert bundle.interventions[0].name == "steer.linear_map"
+
+
+@pytest.mark.parametrize("method", ["lora", "joint", "sft"])
+def test_generate_applies_bundle_weights(model_folder, data_file, tmp_path, monkeypatch, method):
+    from labhooks.generation import generate_texts
+    from labhooks_cli import commands_apply
+    from labhooks_steer.trainers import apply_trained_weights
+
+    out = tmp_path / f"{method}.safetensors"
+    train = ["train", "plugin=steer", f"method={method}", f"model={model_folder}", f"data={data_file}"]
+    train += ["steps=2", "eval_size=0", "learning_rate=0.05", f"out={out}"]
+    assert runner.invoke(app, [*train, "rank=2"] if method != "sft" else train).exit_code == 0
+
+    outputs = []
+
+    def keep(*args, **kwargs):
+        texts = generate_texts(*args, **kwargs)
+        outputs.append(texts)
+        return texts
+
+    monkeypatch.setattr(commands_apply, "generate_texts", keep)
+    result = runner.invoke(app, ["generate", f"bundle={out}", f"model={model_folder}", "prompt=3 1 4", "max_new_tokens=4"])
+    assert result.exit_code == 0, result.output
+
+    loaded = labhooks.load_model(str(model_folder))
+    bundle = labhooks.load_bundle(out, loaded.model)
+    model = apply_trained_weights(loaded, bundle)
+    with labhooks.attach(model, bundle.interventions):
+        expected = generate_texts(model, loaded.tokenizer, ["3 1 4"], max_new_tokens=4)
+    assert outputs[1] == expected

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+from torch import nn
 
 import labhooks
 from labhooks.config import build_config, config_to_dict
 from labhooks.errors import ConfigError
 from labhooks.generation import generate_texts
 from labhooks.methods import Method, MethodInputs, ReportTable
-from labhooks.models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME
+from labhooks.models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME, LoadedModel
+from labhooks.training import WEIGHTS_PREFIX
 from labhooks_cli.arguments import ParsedArguments
 from labhooks_cli.console import RichProgress, console, error_console, print_config_options, render_table
 from labhooks_cli.loading import load_model_for_cli
@@ -136,6 +140,20 @@ def _int_option(arguments: ParsedArguments, key: str, default: int) -> int:
     return value
 
 
+def _weights_loader(bundle: labhooks.Bundle) -> Callable[[LoadedModel, labhooks.Bundle], nn.Module] | None:
+    """Return the trainer function that applies a bundle's ``weights.*`` tensors, if it has any."""
+    if not any(key.startswith(WEIGHTS_PREFIX) for key in bundle.tensors):
+        return None
+    trainer = labhooks.get_registry().trainers.get((str(bundle.plugin), str(bundle.method)))
+    loader = getattr(trainer, "apply_weights", None)
+    if loader is None:
+        raise ConfigError(
+            f"bundle {bundle.path} holds model weights of {bundle.plugin}/{bundle.method}, but that method gives no way to apply them; "
+            "is its plugin installed?"
+        )
+    return loader
+
+
 def run_generate(arguments: ParsedArguments) -> None:
     if arguments.help:
         console.print('labhooks generate bundle=FILE [model=...] prompt="..." | prompts=FILE [max_new_tokens=64] [batch_size=8]')
@@ -155,15 +173,21 @@ def run_generate(arguments: ParsedArguments) -> None:
 
     loaded = load_model_for_cli(model_spec, kind)
     bundle = labhooks.load_bundle(bundle_path, loaded.model)
-    if not bundle.interventions:
-        raise ConfigError(f"bundle {bundle_path} contains no interventions to attach (it may contain a label model or other tensors)")
+    apply_weights = _weights_loader(bundle)
+    if not bundle.interventions and apply_weights is None:
+        raise ConfigError(
+            f"bundle {bundle_path} contains no interventions to attach and no model weights a trainer can apply "
+            "(it may contain a label model or other tensors)"
+        )
     progress = RichProgress()
     base = generate_texts(
         loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description="base"
     )
-    with labhooks.attach(loaded.model, bundle.interventions):
+    # Weights go in after the base generation, because LoRA and SFT bundles change the model in place.
+    model = apply_weights(loaded, bundle) if apply_weights is not None else loaded.model
+    with labhooks.attach(model, bundle.interventions):
         steered = generate_texts(
-            loaded.model,
+            model,
             loaded.tokenizer,
             prompts,
             max_new_tokens=max_new_tokens,

@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -168,6 +168,9 @@ PARSERS: dict[str, Callable[[str], str]] = {
 class TrainingConfig:
     """Options every trainable method shares; a method's config subclasses this one."""
 
+    # A method's own options that must be >= 1 (a rank, a head count), checked by validate().
+    positive_options: ClassVar[tuple[str, ...]] = ()
+
     data: str | None = option(None, "training data: a JSONL or CSV file with prompt and completion fields")
     eval_data: str | None = option(None, "evaluation data in the same format; without it, eval_size examples are held out of data")
     eval_size: int = option(64, "examples held out of data for evaluation when eval_data is not given (0: no evaluation)", unit="examples")
@@ -206,6 +209,7 @@ class TrainingConfig:
             "max_new_tokens",
             "eval_batch_size",
             "log_every",
+            *self.positive_options,
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -852,14 +856,17 @@ class TrainResult:
 class TrainableMethod:
     """A trainable method of a plugin, returned from the ``labhooks_trainers`` hook.
 
-    ``config_class`` is a dataclass that subclasses :class:`TrainingConfig`; ``train``
-    turns :class:`TrainInputs` into a :class:`TrainResult`.
+    ``config_class`` is a dataclass that subclasses :class:`TrainingConfig`, and ``train``
+    turns :class:`TrainInputs` into a :class:`TrainResult`. Methods whose bundles hold
+    model weights (``weights.*``) give ``apply_weights``: it puts a bundle's weights into
+    the loaded model and returns the module to run, which ``labhooks generate`` uses.
     """
 
     name: str
     config_class: type
     train: Callable[[TrainInputs], TrainResult]
     summary: str
+    apply_weights: Callable[[LoadedModel, Bundle], nn.Module] | None = None
 
 
 def build_result(

@@ -10,9 +10,10 @@ the LoRA and full fine-tuning (SFT) baselines train weights, which the bundle st
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class PostBlockConfig(TrainingConfig):
     """Options of the post-block low-rank adapter."""
 
+    positive_options: ClassVar[tuple[str, ...]] = ("rank",)
     site: str = option("post_block[*]", "site of the adapters; one adapter per concrete site")
     positions: str = option("all", "token positions the adapters edit (all, prompt, last_prompt, last_prompt:K, ...)")
     rank: int = option(8, "adapter rank r (1: the rank-1 adapter)")
@@ -75,6 +77,7 @@ class VectorConfig(TrainingConfig):
 class ReFTConfig(TrainingConfig):
     """Options of LoReFT and its variants."""
 
+    positive_options: ClassVar[tuple[str, ...]] = ("rank",)
     learning_rate: float = option(2e-3, "peak learning rate of AdamW")
     site: str = option("post_mlp[*]", "site of the interventions; one per concrete site")
     positions: str = option("last_prompt:5", "token positions edited (last_prompt, last_prompt:K, first_prompt:K, or a union with +)")
@@ -87,6 +90,7 @@ class ReFTConfig(TrainingConfig):
 class LoFITConfig(TrainingConfig):
     """Options of LoFIT."""
 
+    positive_options: ClassVar[tuple[str, ...]] = ("top_k",)
     learning_rate: float = option(5e-3, "peak learning rate of AdamW")
     site: str = option("pre_mlp[*].heads[*]", "head sites searched in the selection stage")
     positions: str = option("all", "token positions edited")
@@ -95,6 +99,19 @@ class LoFITConfig(TrainingConfig):
     selection_steps: int | None = option(
         None, "steps of the selection stage (None: half of steps); the offset stage gets the rest", unit="steps"
     )
+
+    def validate(self) -> None:
+        super().validate()
+        self.selection_stage_steps()
+
+    def selection_stage_steps(self) -> int:
+        """Return the steps of the selection stage; both stages need at least one."""
+        chosen = self.selection_steps if self.selection_steps is not None else self.steps // 2
+        if not 1 <= chosen < self.steps:
+            raise ConfigError(
+                f"invalid selection_steps={chosen}: must be between 1 and steps - 1 ({self.steps - 1}), so that both stages train"
+            )
+        return chosen
 
 
 @dataclass
@@ -113,6 +130,7 @@ class JoLAConfig(TrainingConfig):
 class LoRAConfig(TrainingConfig):
     """Options of the LoRA baseline (peft)."""
 
+    positive_options: ClassVar[tuple[str, ...]] = ("rank",)
     learning_rate: float = option(1e-3, "peak learning rate of AdamW")
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
@@ -133,6 +151,7 @@ class SFTConfig(TrainingConfig):
 class JointConfig(LoRAConfig):
     """Options of LoRA and post-block adapters trained together."""
 
+    positive_options: ClassVar[tuple[str, ...]] = ("rank", "adapter_rank")
     site: str = option("post_block[*]", "site of the adapters")
     positions: str = option("all", "token positions the adapters edit")
     adapter_rank: int = option(8, "rank of the post-block adapters")
@@ -267,9 +286,7 @@ def train_lofit(inputs: TrainInputs) -> TrainResult:
     config: LoFITConfig = inputs.config
     _seed(config)
     loaded = inputs.loaded
-    selection_steps = config.selection_steps if config.selection_steps is not None else config.steps // 2
-    if not 1 <= selection_steps < config.steps:
-        raise ConfigError(f"invalid selection_steps={selection_steps}: must be between 1 and steps - 1 ({config.steps - 1})")
+    selection_steps = config.selection_stage_steps()
     train_examples, eval_examples = split_examples(config, inputs.examples, inputs.eval_examples)
     base = count_base_parameters(loaded.model)
     naming = naming_for(inputs, "lofit")
@@ -381,7 +398,10 @@ def wrap_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(config))
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing; the warning is theirs.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora_config(config))
     except ValueError as error:
         raise ConfigError(f"LoRA could not be applied: {error}") from None
 
@@ -457,7 +477,7 @@ TRAINERS: tuple[TrainableMethod, ...] = (
     TrainableMethod("reft", ReFTConfig, train_reft, "LoReFT: low-rank edits in an orthonormal subspace at selected positions"),
     TrainableMethod("lofit", LoFITConfig, train_lofit, "LoFIT: per-head scales pick the top-k heads, then per-head offsets train"),
     TrainableMethod("jola", JoLAConfig, train_jola, "JoLA: per-head scales and offsets with Hard-Concrete gates"),
-    TrainableMethod("lora", LoRAConfig, train_lora, "LoRA baseline through peft"),
-    TrainableMethod("sft", SFTConfig, train_sft, "full fine-tuning baseline"),
-    TrainableMethod("joint", JointConfig, train_joint, "LoRA and post-block adapters trained together"),
+    TrainableMethod("lora", LoRAConfig, train_lora, "LoRA baseline through peft", apply_trained_weights),
+    TrainableMethod("sft", SFTConfig, train_sft, "full fine-tuning baseline", apply_trained_weights),
+    TrainableMethod("joint", JointConfig, train_joint, "LoRA and post-block adapters trained together", apply_trained_weights),
 )
