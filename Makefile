@@ -4,9 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is installed before the project so that pip keeps this build instead of resolving
-# a plain `torch` requirement to a multi-GB CUDA build. Override for another platform,
-# e.g. `make TORCH_PACKAGES="torch==2.9.1 torchvision==0.24.1" test` on aarch64.
+# torch is pinned and installed before the project, so that pip keeps this build instead
+# of resolving a plain `torch` requirement to the newest release. On x86_64 Linux these
+# wheels are a CUDA build (about 5.5 GB in the venv). Override for another platform or a
+# CPU-only build, e.g. `make TORCH_PACKAGES="torch==2.9.1 torchvision==0.24.1" test` on aarch64.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.labhooks-installed
