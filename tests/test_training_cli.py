@@ -115,7 +115,7 @@ def test_train_help_lists_options():
 @pytest.mark.parametrize(
     ("words", "message"),
     [
-        (["plugin=steer", "method=post_block", "rnak=4", "data=x.jsonl"], "unknown option 'rnak'"),
+        (["plugin=steer", "method=post_block", "rnak=4", "data=x.jsonl"], "unknown option 'rnak'; did you mean 'rank'?"),
         (["plugin=steer", "method=post_block"], "missing data=FILE"),
         (["plugin=steer", "method=bogus", "data=x.jsonl"], "no trainable method 'bogus'"),
         (["plugin=steer", "method=post_block", "rank=two", "data=x.jsonl"], "invalid value 'two' for rank"),

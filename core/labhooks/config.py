@@ -8,6 +8,7 @@ config, with errors that name the key, the value and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -130,7 +131,9 @@ def build_config(config_class: type, values: Mapping[str, Any]) -> Any:
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in known:
-            raise ConfigError(f"unknown option {raw_key!r}; valid options are {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown option {raw_key!r}; {hint}valid options are {', '.join(sorted(known))}")
         converted[key] = _convert(key, value, hints[key])
         choices = known[key].metadata.get("choices")
         if choices and converted[key] is not None:
