@@ -5,7 +5,7 @@ three settings: plain transformers, a no-op intervention at every post_block sit
 steering vector at every post_block site. Each round runs the three settings once, in an
 order that rotates from round to round, so that drift in machine speed hits every setting
 alike. A setting's ratio is the median over rounds of its time divided by the plain time
-of the same round; the spread is the lowest and highest of those per-round ratios.
+of the same round. The spread is the lowest and highest of those per-round ratios.
 
 On a small shared machine the per-round ratios scatter by a few percent, more than the
 overhead itself. So the script also runs one generation per hooked setting with a timer

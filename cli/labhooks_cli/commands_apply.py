@@ -148,8 +148,8 @@ def _weights_loader(bundle: labhooks.Bundle) -> Callable[[LoadedModel, labhooks.
     loader = getattr(trainer, "apply_weights", None)
     if loader is None:
         raise ConfigError(
-            f"bundle {bundle.path} holds model weights of {bundle.plugin}/{bundle.method}, but that method gives no way to apply them; "
-            "is its plugin installed?"
+            f"bundle {bundle.path} contains model weights of {bundle.plugin}/{bundle.method}, but no installed trainer "
+            "applies them; install the plugin that wrote the bundle"
         )
     return loader
 

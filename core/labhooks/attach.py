@@ -198,10 +198,10 @@ class _Hook:
         real = tracker.all_real_shape
         shape = hidden.shape
         if self.direct and real is not None and len(shape) >= 3 and shape[0] == real[0] and shape[1] == real[1]:
-            # The common case, every token real and selected, takes the shortest path. A hook
-            # runs right after a block's heavy kernels, when each Python call and each tensor
-            # attribute read costs microseconds; this repeats _call and the end of edit()
-            # without masks, gathers or a second look at the shape.
+            # The common case, every token real and selected, takes the shortest path, because a
+            # hook runs right after a block's heavy kernels, when each Python call and tensor
+            # attribute read costs microseconds. It repeats _call and the end of edit() without
+            # masks, gathers or a second look at the shape.
             forward = tracker.context
             assert forward is not None
             edited = self._run(hidden, InterventionContext(self.site, forward, None, forward.attention_mask))

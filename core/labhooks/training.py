@@ -857,7 +857,7 @@ class TrainableMethod:
     """A trainable method of a plugin, returned from the ``labhooks_trainers`` hook.
 
     ``config_class`` is a dataclass that subclasses :class:`TrainingConfig`, and ``train``
-    turns :class:`TrainInputs` into a :class:`TrainResult`. Methods whose bundles hold
+    turns :class:`TrainInputs` into a :class:`TrainResult`. Methods whose bundles contain
     model weights (``weights.*``) give ``apply_weights``: it puts a bundle's weights into
     the loaded model and returns the module to run, which ``labhooks generate`` uses.
     """

@@ -399,7 +399,7 @@ def wrap_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     try:
         with warnings.catch_warnings():
-            # peft reads transformers' deprecated is_gradient_checkpointing; the warning is theirs.
+            # peft reads transformers' deprecated is_gradient_checkpointing, so the warning is not ours.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, lora_config(config))
     except ValueError as error:
