@@ -122,6 +122,7 @@ def test_train_help_lists_options():
         (["method=post_block"], "missing plugin="),
         (["plugin=steer", "data=x.jsonl", "out=bundle.bin"], "must end in .safetensors"),
         (["plugin=steer", "method=post_block", "rank=0", "data=x.jsonl"], "invalid value 0 for rank: must be >= 1"),
+        (["plugin=steer", "data=x.jsonl", "--steps"], "--steps without a value reads as true, so write steps=VALUE"),
         (["plugin=steer", "method=reft", "rank=-1", "data=x.jsonl"], "invalid value -1 for rank: must be >= 1"),
         (["plugin=steer", "method=joint", "adapter_rank=0", "data=x.jsonl"], "invalid value 0 for adapter_rank"),
         (["plugin=steer", "method=lofit", "top_k=0", "data=x.jsonl"], "invalid value 0 for top_k"),

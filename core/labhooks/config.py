@@ -115,7 +115,10 @@ def _convert(name: str, text: Any, annotation: Any) -> Any:
         try:
             return annotation(text)
         except ValueError:
-            raise ConfigError(f"invalid value {text!r} for {name}: expected {'an integer' if annotation is int else 'a number'}") from None
+            expected = "an integer" if annotation is int else "a number"
+            # The CLI reads a bare --flag as flag=true, so this value usually means a forgotten number.
+            hint = f"; --{name.replace('_', '-')} without a value reads as true, so write {name}=VALUE" if text == "true" else ""
+            raise ConfigError(f"invalid value {text!r} for {name}: expected {expected}{hint}") from None
     return text
 
 
