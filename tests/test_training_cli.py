@@ -141,6 +141,14 @@ def test_train_missing_data_file_exit_2(model_folder, tmp_path):
     assert "not found" in result.output
 
 
+def test_train_data_error_before_model_load(data_file, tmp_path):
+    # The model folder does not exist, so reaching the model load would give another error.
+    words = ["train", "plugin=steer", f"model={tmp_path / 'no-model'}", f"data={data_file}", "eval_size=64"]
+    result = runner.invoke(app, words)
+    assert result.exit_code == 2
+    assert "eval_size=64 leaves no training examples out of 12" in result.output
+
+
 def test_apply_oracle(model_folder, data_file, tmp_path):
     finetuned = tmp_path / "ft.safetensors"
     train = [

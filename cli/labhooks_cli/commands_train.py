@@ -8,7 +8,7 @@ from pathlib import Path
 import labhooks
 from labhooks.config import build_config, config_to_dict
 from labhooks.errors import ConfigError
-from labhooks.training import TrainableMethod, TrainInputs
+from labhooks.training import TrainableMethod, TrainInputs, split_examples
 from labhooks_cli.arguments import ParsedArguments
 from labhooks_cli.commands_apply import _slug
 from labhooks_cli.console import RichProgress, console, print_config_options, render_table
@@ -59,12 +59,15 @@ def run_train(arguments: ParsedArguments) -> None:
     if out is not None and not out.endswith(".safetensors"):
         raise ConfigError(f"invalid out={out!r}: the bundle file name must end in .safetensors")
 
+    # Read and split the data before the model loads, so that a data mistake fails fast.
+    examples, eval_examples = split_examples(config)
     loaded = load_model_for_cli(model_spec)
     target = Path(out) if out else Path(f"{plugin}-{trainer.name}-{_slug(loaded.name)}.safetensors")
     if config.save_every and config.checkpoint_dir is None:
         config = replace(config, checkpoint_dir=str(target.with_name(f"{target.stem}-checkpoints")))
 
-    result = trainer.train(TrainInputs(config=config, loaded=loaded, plugin=plugin, progress=RichProgress()))
+    inputs = TrainInputs(config, loaded, plugin, examples=examples, eval_examples=eval_examples, progress=RichProgress())
+    result = trainer.train(inputs)
     if not result.main_process:
         # Under `accelerate launch`, the main process writes the bundle and prints the tables.
         return
