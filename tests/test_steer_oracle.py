@@ -123,6 +123,13 @@ def test_oracle_method_scores_steered_layer(tmp_path):
     assert str(chosen.interventions[0].site) == "post_block[0]"
 
 
+def test_oracle_save_layer_checked_first(tmp_path):
+    # Neither the fine-tuned model nor the data file exists: the save_layer error comes first.
+    config = OracleConfig(finetuned=str(tmp_path / "absent"), data=str(tmp_path / "absent.txt"), save_layer=7)
+    with pytest.raises(ConfigError, match="save_layer=7 is not among the scored sites post_block"):
+        run_oracle(MethodInputs(config=config, loaded=tiny_loaded("llama")))
+
+
 def test_oracle_config_requires_inputs():
     with pytest.raises(ConfigError, match="missing finetuned="):
         labhooks.build_config(OracleConfig, {"data": "x.txt"})

@@ -205,10 +205,15 @@ def run_oracle(inputs: MethodInputs) -> MethodResult:
         raise ConfigError("oracle steering needs a base model")
     loaded = inputs.loaded
     assert config.finetuned is not None and config.data is not None
-    finetuned, handle = load_finetuned(loaded, config.finetuned)
+    sites = [str(resolved.site) for resolved in ModelSites(loaded.model).resolve(config.site)]
+    saved_site = None
+    if config.save_layer is not None:
+        chosen = [site for site in sites if f"[{config.save_layer}]" in site]
+        if not chosen:
+            raise ConfigError(f"save_layer={config.save_layer} is not among the scored sites {', '.join(sites)}")
+        saved_site = chosen[0]
     texts = read_texts(config.data, config.system, loaded.tokenizer, config.max_examples)
-    model_sites = ModelSites(loaded.model)
-    sites = [str(resolved.site) for resolved in model_sites.resolve(config.site)]
+    finetuned, handle = load_finetuned(loaded, config.finetuned)
 
     batches = [
         encode_right_padded(loaded.tokenizer, texts[start : start + config.batch_size], config.max_tokens)
@@ -249,13 +254,7 @@ def run_oracle(inputs: MethodInputs) -> MethodResult:
                 linear_kl.append(next_token_kl(reference, loaded.model(**batch).logits, batch["attention_mask"]))
         rows.append([site, sum(base_kl) / len(base_kl), sum(replay_kl) / len(replay_kl), sum(linear_kl) / len(linear_kl)])
 
-    if config.save_layer is not None:
-        chosen = [site for site in sites if f"[{config.save_layer}]" in site]
-        if not chosen:
-            raise ConfigError(f"save_layer={config.save_layer} is not among the scored sites {', '.join(sites)}")
-        best = chosen[0]
-    else:
-        best = min(rows, key=lambda row: row[3])[0]
+    best = saved_site if saved_site is not None else min(rows, key=lambda row: row[3])[0]
     table = ReportTable(
         f"oracle steering: KL(fine-tuned ‖ steered) per site, {len(texts)} inputs",
         ["site", "unsteered KL", "replay KL", "linear map KL"],
