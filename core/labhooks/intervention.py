@@ -113,8 +113,8 @@ class SteeringVector(Intervention):
         self.scale = float(scale)
 
     def forward(self, hidden: torch.Tensor, context: InterventionContext) -> torch.Tensor:
-        # A float32 vector on a half-precision model promotes the sum to float32; the core
-        # casts each intervention's output back to the hidden state's dtype.
+        # A float32 vector on a half-precision model promotes the sum to float32, and the
+        # core casts each intervention's output back to the hidden state's dtype.
         return torch.add(hidden, self.vector, alpha=self.scale)
 
     def config(self) -> dict[str, Any]:

@@ -178,7 +178,7 @@ def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor, mask: to
     reference = torch.log_softmax(reference_logits.float(), dim=-1)
     other = torch.log_softmax(logits.float(), dim=-1)
     per_token = (reference.exp() * (reference - other)).sum(-1)
-    # KL is never negative; rounding leaves values like -1e-9 when the two agree.
+    # KL is never negative, but rounding leaves values like -1e-9 when the two agree.
     return max(0.0, float(per_token[mask.bool()].mean()))
 
 
